@@ -1,0 +1,11 @@
+"""jax_fa4: FlashAttention-4's Hopper (SM90) kernels inside jax.jit.
+
+Layers: api (attention; validation) -> dispatch (capability, reasons) ->
+primitive (lowering per platform, batching) -> kernels (variants, CuTe DSL
+launchers, compile, cache) -> csrc (the XLA FFI handler).
+"""
+from .api import attention, explain, is_supported
+from .kernels import MissingKernelError
+
+__version__ = "0.1.0"
+__all__ = ["attention", "explain", "is_supported", "MissingKernelError", "__version__"]

@@ -1,0 +1,48 @@
+"""Registers the C++ FFI handler (csrc/cute_call.cc) with XLA for CUDA."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import threading
+
+import jax
+
+TARGET = "jax_fa4_cute_call"
+_lock = threading.Lock()
+_registered = False
+
+
+def runtime_library_path() -> str | None:
+    """libcute_dsl_runtime.so: $JAX_FA4_CUTE_RUNTIME, else the installed
+    nvidia-cutlass-dsl wheel's (found without importing it)."""
+    if p := os.environ.get("JAX_FA4_CUTE_RUNTIME"):
+        return p
+    spec = importlib.util.find_spec("nvidia_cutlass_dsl")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = pathlib.Path(list(spec.submodule_search_locations)[0])
+    libs = sorted(root.glob("cu*/lib/libcute_dsl_runtime.so"), reverse=True)  # cu13 first
+    return str(libs[0]) if libs else None
+
+
+def ensure_registered() -> None:
+    """Registers the handler once.  The library itself is dlopen'ed by the handler at
+    first execution, so lowering (also on CPU-only hosts) never loads it."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        from . import _ffi
+
+        if path := runtime_library_path():
+            _ffi.set_runtime_path(path)
+        jax.ffi.register_ffi_target(TARGET, _ffi.handlers(), platform="CUDA")
+        _registered = True
+
+
+def loaded_kernel_count() -> int:
+    """How many distinct kernel objects the handler has loaded in this process."""
+    from . import _ffi
+
+    return _ffi.loaded_kernels()

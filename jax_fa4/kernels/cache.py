@@ -1,0 +1,120 @@
+"""Kernel objects by variant: in-memory cache, on-disk cache, then compilation.
+
+Environment:
+  JAX_FA4_CACHE_DIR  on-disk cache (default: $XDG_CACHE_HOME/jax_fa4/kernels,
+                     i.e. ~/.cache/jax_fa4/kernels)
+  JAX_FA4_COMPILE    "auto" (default: compile what is missing), "never" (only load;
+                     a missing variant raises MissingKernelError naming it)
+
+Files are written to a temporary name and renamed into place, so concurrent
+writers (several processes precompiling) never expose a partial file, and each
+file records its key and a SHA-256 of the object, so a corrupt or foreign file
+is ignored (and rebuilt) rather than loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import struct
+import tempfile
+import threading
+
+from .config import ForwardVariant
+
+logger = logging.getLogger("jax_fa4")
+
+_MAGIC = b"JAXFA4K1"
+_memory: dict[str, bytes] = {}
+_lock = threading.Lock()
+
+
+class MissingKernelError(RuntimeError):
+    """A kernel variant is not cached and may not (or cannot) be compiled here."""
+
+
+def cache_dir() -> pathlib.Path:
+    if d := os.environ.get("JAX_FA4_CACHE_DIR"):
+        return pathlib.Path(d)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "jax_fa4" / "kernels"
+
+
+def compile_mode() -> str:
+    mode = os.environ.get("JAX_FA4_COMPILE", "auto").lower()
+    if mode not in ("auto", "never"):
+        raise ValueError(f"JAX_FA4_COMPILE must be 'auto' or 'never', got {mode!r}")
+    return mode
+
+
+def _path(variant: ForwardVariant) -> pathlib.Path:
+    return cache_dir() / f"{variant.symbol}.o"
+
+
+def _encode(key: str, obj: bytes) -> bytes:
+    k = key.encode()
+    return _MAGIC + hashlib.sha256(obj).digest() + struct.pack("<I", len(k)) + k + obj
+
+
+def _decode(key: str, data: bytes) -> bytes | None:
+    head = len(_MAGIC) + 32 + 4
+    if len(data) < head or not data.startswith(_MAGIC):
+        return None
+    digest = data[len(_MAGIC) : len(_MAGIC) + 32]
+    (klen,) = struct.unpack("<I", data[head - 4 : head])
+    if data[head : head + klen] != key.encode():
+        return None
+    obj = data[head + klen :]
+    return obj if hashlib.sha256(obj).digest() == digest else None
+
+
+def load_from_disk(variant: ForwardVariant) -> bytes | None:
+    path = _path(variant)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    obj = _decode(variant.key(), data)
+    if obj is None:
+        logger.warning("jax_fa4: ignoring corrupt kernel cache file %s", path)
+    return obj
+
+
+def store_to_disk(variant: ForwardVariant, obj: bytes) -> None:
+    path = _path(variant)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(_encode(variant.key(), obj))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache still works from memory
+        logger.warning("jax_fa4: cannot write kernel cache %s: %s", path, e)
+
+
+def get_object(variant: ForwardVariant) -> bytes:
+    """The compiled object for `variant`, compiling it if allowed and needed."""
+    key = variant.key()
+    with _lock:
+        if (obj := _memory.get(key)) is not None:
+            return obj
+        obj = load_from_disk(variant)
+        if obj is None:
+            if compile_mode() == "never":
+                raise MissingKernelError(
+                    f"jax_fa4: kernel variant [{variant.describe()}] ({variant.symbol}) is not "
+                    f"in the cache {cache_dir()} and JAX_FA4_COMPILE=never. Build it on a host "
+                    "with jax_fa4[compile] (no GPU needed): python -m jax_fa4.precompile ..."
+                )
+            from .compile import compile_variant
+
+            obj = compile_variant(variant)
+            store_to_disk(variant, obj)
+        _memory[key] = obj
+        return obj
+
+
+def clear_memory_cache() -> None:
+    with _lock:
+        _memory.clear()

@@ -1,0 +1,139 @@
+"""SM90 forward kernel variants and tile configurations, as pure Python.
+
+A `ForwardVariant` names everything the CuTe DSL specializes on (dtype, head dims,
+GQA group, mask kind, softcap, sinks, tiles); shapes (batch, sequence lengths,
+head counts) and the softmax scale and window sizes stay runtime arguments, so
+one compiled object serves every shape.  Nothing here imports cutlass, so the
+dispatch layer can name a variant on hosts without the compiler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+# FA4 and the CuTe DSL are pinned: our launchers depend on their internals, and
+# a kernel object built by other versions must never be mistaken for ours.
+FA4_VERSION = "4.0.0b36"
+CUTLASS_DSL_VERSION = "4.8.1"
+# Bump when the launcher's argument convention (see forward.py) changes.
+LAUNCHER_ABI = 1
+
+DTYPES = ("bfloat16", "float16")
+MASKS = ("none", "causal", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    tile_m: int
+    tile_n: int
+    mma_pv_is_rs: bool  # P stays in registers for the PV GEMM
+    intra_wg_overlap: bool  # overlap softmax of one block with the GEMMs of the next
+    num_stages: int = 2  # K/V pipeline depth
+
+
+def sm90_forward_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> TileConfig:
+    """FA4 4.0.0b36's SM90 forward tile heuristic (`_tile_size_fwd_sm90`), benchmarked
+    by FA4's authors on H100 SXM; mirrored here so that choosing a tile needs no GPU
+    and no import of flash_attn."""
+    if head_dim <= 64:
+        return TileConfig(192, 128, True, True)
+    if head_dim <= 96:
+        return TileConfig(192, 128 if (causal or local) else 144, False, True)
+    if head_dim <= 128:
+        return TileConfig(128, 128, True, True)
+    if head_dim <= 192:
+        return TileConfig(128, 96 if local else (128 if head_dim_v <= 128 else 112), True, True)
+    return TileConfig(128, 64 if local else 80, True, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardVariant:
+    """One compiled SM90 forward kernel.
+
+    mask: "none", "causal" (bottom-right aligned, as FA4) or "local" (a window whose
+    bounds are runtime int32 arguments; `window_left`/`window_right` say which bounds
+    exist, a missing one is unbounded).
+    """
+
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    qhead_per_kvhead: int
+    mask: str = "none"
+    window_left: bool = False
+    window_right: bool = False
+    softcap: float | None = None
+    has_sinks: bool = False
+    tile: TileConfig | None = None
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
+        if self.mask != "local" and (self.window_left or self.window_right):
+            raise ValueError("window bounds are only meaningful for mask='local'")
+        if self.mask == "local" and not (self.window_left or self.window_right):
+            raise ValueError("mask='local' needs at least one window bound")
+        if self.softcap is not None:
+            object.__setattr__(self, "softcap", float(self.softcap))
+        if self.tile is None:
+            tile = sm90_forward_tile(
+                self.head_dim, self.head_dim_v, self.mask == "causal", self.mask == "local"
+            )
+            object.__setattr__(self, "tile", tile)
+
+    @property
+    def pack_gqa(self) -> bool:
+        # FA4's default: the query heads of one KV head share a tile (one K/V read).
+        return self.qhead_per_kvhead > 1
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["tile"] = dataclasses.asdict(self.tile)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ForwardVariant":
+        d = dict(d)
+        d["tile"] = TileConfig(**d["tile"]) if d.get("tile") else None
+        return cls(**d)
+
+    def key(self) -> str:
+        """Canonical text naming the variant and the toolchain that builds it."""
+        return json.dumps(
+            {
+                "kind": "sm90_forward",
+                "abi": LAUNCHER_ABI,
+                "fa4": FA4_VERSION,
+                "cutlass_dsl": CUTLASS_DSL_VERSION,
+                **self.as_dict(),
+            },
+            sort_keys=True,
+        )
+
+    @property
+    def symbol(self) -> str:
+        """The launcher's symbol prefix in the object; unique per key."""
+        return "jax_fa4_fwd_" + hashlib.sha256(self.key().encode()).hexdigest()[:20]
+
+    def describe(self) -> str:
+        parts = [
+            f"sm90 fwd {self.dtype} hdim {self.head_dim}"
+            + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else ""),
+            f"group {self.qhead_per_kvhead}",
+            self.mask
+            + (
+                f"(left={'y' if self.window_left else 'n'},right={'y' if self.window_right else 'n'})"
+                if self.mask == "local"
+                else ""
+            ),
+        ]
+        if self.softcap is not None:
+            parts.append(f"softcap {self.softcap:g}")
+        if self.has_sinks:
+            parts.append("sinks")
+        t = self.tile
+        parts.append(f"tile {t.tile_m}x{t.tile_n}{' rs' if t.mma_pv_is_rs else ''}")
+        return ", ".join(parts)
