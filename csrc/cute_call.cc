@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -50,6 +51,12 @@ struct Runtime {
   ErrorStringFn error_name = nullptr;
   ErrorStringFn error_string = nullptr;
 };
+
+// Testing aid: fill every result with 0xFF bytes (NaN in bf16/fp16/f32) on the
+// stream before the launch, so a test can prove the kernel wrote each element.
+using MemsetD8AsyncFn = int (*)(uintptr_t dst, unsigned char value, size_t n,
+                                cudaStream_t stream);
+MemsetD8AsyncFn g_poison = nullptr;
 
 std::mutex g_mutex;
 std::string g_runtime_path;  // set from Python; JAX_FA4_CUTE_RUNTIME overrides
@@ -175,6 +182,19 @@ ffi::Error Execute(cudaStream_t stream, ffi::RemainingArgs args,
     sizes[i] = static_cast<int32_t>(dims[buffer][axis]);
   }
 
+  if (g_poison) {
+    for (size_t i = 0; i < num_rets; ++i) {
+      auto buf = rets.get<ffi::AnyBuffer>(i);
+      if (int rc = g_poison(reinterpret_cast<uintptr_t>((*buf)->untyped_data()),
+                            0xFF, (*buf)->size_bytes(), stream);
+          rc != 0) {
+        return ffi::Error(ffi::ErrorCode::kInternal,
+                          "jax_fa4: poisoning outputs failed: CUDA error " +
+                              std::to_string(rc));
+      }
+    }
+  }
+
   int32_t ret = 0;
   std::vector<void*> call;
   call.reserve(2 + ptrs.size() + sizes.size() + i32_scalars.size() +
@@ -233,6 +253,18 @@ NB_MODULE(_ffi, m) {
   m.def("set_runtime_path", [](std::string path) {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_runtime_path = std::move(path);
+  });
+  m.def("set_poison_outputs", [](bool on) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (!on) {
+      g_poison = nullptr;
+      return;
+    }
+    void* cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!cuda) cuda = dlopen("libcuda.so.1", RTLD_NOW);
+    void* fn = cuda ? dlsym(cuda, "cuMemsetD8Async") : nullptr;
+    if (!fn) throw std::runtime_error("jax_fa4: cuMemsetD8Async not found in libcuda.so.1");
+    g_poison = reinterpret_cast<MemsetD8AsyncFn>(fn);
   });
   m.def("loaded_kernels", []() {
     std::lock_guard<std::mutex> lock(g_mutex);

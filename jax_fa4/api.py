@@ -218,3 +218,16 @@ def explain(query, key, value, bias=None, mask=None, *, scale=None, is_causal=Fa
 def is_supported(*args, **kwargs) -> bool:
     """True if `attention(*args, **kwargs)` would run the FA4 kernel (see `explain`)."""
     return explain(*args, **kwargs) is None
+
+
+def kernel_plan(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                local_window_size=None, logits_soft_cap=None, sinks=None):
+    """The kernel variant (and runtime window arguments) `attention(...)` would use on
+    an SM90 GPU; raises dispatch.Unsupported with the reason if it would fall back.
+    Needs no GPU and no compiler: used by `python -m jax_fa4.precompile`."""
+    q, k, v, sinks, scale, softcap, window = _validate(
+        query, key, value, bias, mask, scale, is_causal, local_window_size, logits_soft_cap,
+        sinks, None)
+    if q.ndim == 3:
+        q, k, v = (jax.ShapeDtypeStruct((1,) + x.shape, x.dtype) for x in (q, k, v))
+    return plan_dense(_describe(q, k, v, window, softcap, sinks, bias, mask))

@@ -46,3 +46,11 @@ def loaded_kernel_count() -> int:
     from . import _ffi
 
     return _ffi.loaded_kernels()
+
+
+def set_poison_outputs(on: bool) -> None:
+    """Testing aid: have the handler fill every kernel output with NaN bytes before
+    each launch (needs a CUDA driver), so unwritten elements show up as NaN."""
+    from . import _ffi
+
+    _ffi.set_poison_outputs(bool(on))

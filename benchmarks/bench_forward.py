@@ -1,0 +1,176 @@
+"""Forward attention throughput on one GPU: jax_fa4 vs cuDNN vs XLA vs a direct launch.
+
+  python benchmarks/bench_forward.py --out results.json [--quick]
+  python benchmarks/plot_forward.py results.json docs/forward_tflops.png
+
+"jax_fa4" is `jax_fa4.attention` under jax.jit; "cudnn" and "xla" are
+`jax.nn.dot_product_attention(implementation=...)` under jax.jit; "direct" launches
+the same compiled FA4 object through the CuTe DSL runtime C API with ctypes,
+bypassing XLA, and is timed with CUDA events.  JAX paths are timed with
+block_until_ready over `--reps` back-to-back calls after warm-up.
+TFLOP/s = 4*b*h*sq*sk*d / time (halved for causal).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jax_fa4  # noqa: E402
+from jax_fa4.api import kernel_plan  # noqa: E402
+from jax_fa4.ffi_target import runtime_library_path  # noqa: E402
+from jax_fa4.kernels import get_object  # noqa: E402
+from jax_fa4.kernels.forward_abi import SIZE_DIMS  # noqa: E402
+
+
+def flops(b, h, sq, sk, d, causal):
+    f = 4.0 * b * h * sq * sk * d
+    return f / 2 if causal else f
+
+
+def time_jax(fn, args, reps, warmup=3):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(reps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps
+
+
+class DirectLauncher:
+    """Runs a jax_fa4 kernel object straight through libcute_dsl_runtime (no XLA)."""
+
+    def __init__(self):
+        self.rt = ctypes.CDLL(os.environ.get("JAX_FA4_CUTE_RUNTIME") or runtime_library_path())
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        self.rt.CuteDSLRT_Module_Create_From_Bytes.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t,
+            ctypes.c_void_p, ctypes.c_size_t]
+        self.rt.CuteDSLRT_Module_Get_Function.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
+        self.rt.CuteDSLRT_Function_Run.argtypes = [
+            ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+        self.fns = {}
+
+    def function(self, variant):
+        if variant.symbol not in self.fns:
+            obj = get_object(variant)
+            mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
+            assert self.rt.CuteDSLRT_Module_Create_From_Bytes(
+                ctypes.byref(mod), obj, len(obj), None, 0) == 0
+            assert self.rt.CuteDSLRT_Module_Get_Function(
+                ctypes.byref(fn), mod, variant.symbol.encode()) == 0
+            self.fns[variant.symbol] = fn
+        return self.fns[variant.symbol]
+
+    def time(self, plan, scale, buffers, reps, warmup=3):
+        fn = self.function(plan.variant)
+        stream = ctypes.c_void_p(0)  # legacy default stream; JAX work is finished first
+        ptrs = [ctypes.c_void_p(b.unsafe_buffer_pointer()) for b in buffers]
+        sizes = [ctypes.c_int32(buffers[i].shape[a]) for i, a in SIZE_DIMS]
+        scalars = [ctypes.c_int32(plan.window_left), ctypes.c_int32(plan.window_right),
+                   ctypes.c_float(scale)]
+        ret = ctypes.c_int32(0)
+        vals = [stream, *ptrs, *sizes, *scalars, ret]
+        args = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(x), ctypes.c_void_p)
+                                               for x in vals])
+        run = lambda: self.rt.CuteDSLRT_Function_Run(fn, args, len(vals))  # noqa: E731
+        for _ in range(warmup):
+            assert run() == 0 and ret.value == 0
+        ev0, ev1 = ctypes.c_void_p(), ctypes.c_void_p()
+        self.cu.cuEventCreate(ctypes.byref(ev0), 0)
+        self.cu.cuEventCreate(ctypes.byref(ev1), 0)
+        self.cu.cuEventRecord(ev0, stream)
+        for _ in range(reps):
+            run()
+        self.cu.cuEventRecord(ev1, stream)
+        self.cu.cuEventSynchronize(ev1)
+        ms = ctypes.c_float()
+        self.cu.cuEventElapsedTime(ctypes.byref(ms), ev0, ev1)
+        return ms.value / 1e3 / reps
+
+
+def bench_one(cfg, direct, reps, backends):
+    b, s, h, hk, d, causal, dtype = (cfg[k] for k in ("b", "s", "h", "hk", "d", "causal", "dtype"))
+    dt = jnp.dtype(dtype)
+    key = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(key[0], (b, s, h, d), dt)
+    k = jax.random.normal(key[1], (b, s, hk, d), dt)
+    v = jax.random.normal(key[2], (b, s, hk, d), dt)
+    fl = flops(b, h, s, s, d, causal)
+    res = dict(cfg, tflops={})
+    for name in backends:
+        try:
+            if name == "direct":
+                plan = kernel_plan(q, k, v, is_causal=causal)
+                o = jnp.zeros((b, s, h, d), dt)
+                lse = jnp.zeros((b, h, s), jnp.float32)
+                jax.block_until_ready((q, k, v, o, lse))
+                t = direct.time(plan, 1 / math.sqrt(d), [q, k, v, o, lse], reps)
+            else:
+                if name == "xla" and b * h * s * s * 4 * 3 > 30e9:
+                    raise MemoryError("XLA would materialize a >30 GB score matrix")
+                impl = {"jax_fa4": "fa4"}.get(name, name)
+                fn = (jax_fa4.attention if name == "jax_fa4" else jax.nn.dot_product_attention)
+                f = jax.jit(lambda q, k, v, fn=fn, impl=impl: fn(
+                    q, k, v, is_causal=causal, implementation=impl))
+                t = time_jax(f, (q, k, v), reps)
+            res["tflops"][name] = fl / t / 1e12
+        except Exception as e:  # record why a backend could not run this shape
+            res["tflops"][name] = None
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return res
+
+
+def configs(quick):
+    out = [dict(b=4, s=8192, h=16, hk=16, d=128, causal=True, dtype="bfloat16", headline=True)]
+    seqs = (1024, 4096, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+    for d in (64, 128, 256):
+        for causal in (False, True):
+            for s in seqs:
+                h = 2048 // d
+                out.append(dict(b=max(1, 32768 // s), s=s, h=h, hk=h, d=d, causal=causal,
+                                dtype="bfloat16"))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/results/forward.json")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--backends", default="jax_fa4,cudnn,xla,direct")
+    args = p.parse_args()
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
+    direct = DirectLauncher()
+    backends = args.backends.split(",")
+    results = []
+    cfgs = configs(args.quick)
+    for i, cfg in enumerate(cfgs, 1):
+        r = bench_one(cfg, direct, args.reps, backends)
+        results.append(r)
+        cells = "  ".join(f"{n}={v:7.1f}" if v else f"{n}=   n/a" for n, v in r["tflops"].items())
+        print(f"[{i}/{len(cfgs)}] b{r['b']} s{r['s']} h{r['h']} d{r['d']} "
+              f"{'causal' if r['causal'] else 'full  '} {cells}", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(device=dev.device_kind, jax=jax.__version__,
+                       date=time.strftime("%Y-%m-%d"), results=results), f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

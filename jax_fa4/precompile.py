@@ -1,0 +1,127 @@
+"""Build kernel objects ahead of time, on any host with jax_fa4[compile] (no GPU).
+
+Two ways to say what to build:
+
+  # a product of variant properties
+  python -m jax_fa4.precompile --dtype bfloat16,float16 --head-dim 64,128,256 \\
+      --group 1,8 --mask none,causal,local --softcap none,50 --sinks no
+
+  # the variants that listed calls need: FILE.py defines CALLS, a list of dicts with
+  # 'query', 'key', 'value' as (shape, dtype) and attention's keyword arguments
+  python -m jax_fa4.precompile --calls my_calls.py
+
+Objects go to --cache-dir (default: JAX_FA4_CACHE_DIR or ~/.cache/jax_fa4/kernels);
+copy that directory to the GPU hosts and point JAX_FA4_CACHE_DIR at it there
+(with JAX_FA4_COMPILE=never to forbid compiling).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib.util
+import itertools
+import multiprocessing
+import os
+import sys
+import time
+
+from .kernels.config import ForwardVariant
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def variants_from_matrix(args) -> list[ForwardVariant]:
+    out = []
+    for dtype, hd, group, mask, cap, sinks in itertools.product(
+        _split(args.dtype), _split(args.head_dim), _split(args.group), _split(args.mask),
+        _split(args.softcap), _split(args.sinks),
+    ):
+        h, _, hv = hd.partition("/")
+        windows = [(True, True), (True, False), (False, True)] if mask == "local" else [(False, False)]
+        for wl, wr in windows:
+            out.append(ForwardVariant(
+                dtype=dtype, head_dim=int(h), head_dim_v=int(hv or h), qhead_per_kvhead=int(group),
+                mask=mask, window_left=wl, window_right=wr,
+                softcap=None if cap == "none" else float(cap), has_sinks=sinks == "yes"))
+    return out
+
+
+def variants_from_calls(path: str) -> list[ForwardVariant]:
+    import jax
+    import numpy as np
+
+    from .api import kernel_plan
+    from .dispatch import Unsupported
+
+    spec = importlib.util.spec_from_file_location("_jax_fa4_calls", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = []
+    for call in mod.CALLS:
+        call = dict(call)
+        arrays = {n: jax.ShapeDtypeStruct(tuple(call.pop(n)[0]), np.dtype(s[1]))
+                  for n, s in [(n, call[n]) for n in ("query", "key", "value")]}
+        if call.get("sinks") is not None:
+            call["sinks"] = jax.ShapeDtypeStruct((arrays["query"].shape[-2],), np.float32)
+        try:
+            out.append(kernel_plan(**arrays, **call).variant)
+        except Unsupported as e:
+            print(f"  (falls back, nothing to build: {e})", file=sys.stderr)
+    return out
+
+
+def _build(variant_dict: dict) -> tuple[str, float, int]:
+    from .kernels.cache import get_object
+
+    v = ForwardVariant.from_dict(variant_dict)
+    t0 = time.perf_counter()
+    obj = get_object(v)
+    return v.describe(), time.perf_counter() - t0, len(obj)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jax_fa4.precompile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", help="a .py file defining CALLS (see above)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--head-dim", default="128", help="comma list; 192/128 for hdim/hdim_v")
+    p.add_argument("--group", default="1", help="query heads per KV head")
+    p.add_argument("--mask", default="none,causal", help="none,causal,local")
+    p.add_argument("--softcap", default="none")
+    p.add_argument("--sinks", default="no", help="no,yes")
+    p.add_argument("--cache-dir", help="where to write (default: JAX_FA4_CACHE_DIR)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    if args.cache_dir:
+        os.environ["JAX_FA4_CACHE_DIR"] = args.cache_dir
+    os.environ["JAX_FA4_COMPILE"] = "auto"
+
+    variants = variants_from_calls(args.calls) if args.calls else variants_from_matrix(args)
+    unique = list({v.key(): v for v in variants}.values())
+    from .kernels.cache import cache_dir, load_from_disk
+
+    todo = [v for v in unique if load_from_disk(v) is None]
+    print(f"jax_fa4.precompile: {len(unique)} variants, {len(unique) - len(todo)} cached, "
+          f"{len(todo)} to build in {cache_dir()} with {args.jobs} jobs", flush=True)
+    t0, failed = time.perf_counter(), 0
+    # spawn, not fork: the parent may hold JAX threads.
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
+        futures = {pool.submit(_build, v.as_dict()): v for v in todo}
+        for i, fut in enumerate(cf.as_completed(futures), 1):
+            v = futures[fut]
+            try:
+                desc, dt, size = fut.result()
+                print(f"[{i}/{len(todo)}] {desc}: {dt:.1f}s, {size / 1024:.0f} KiB", flush=True)
+            except Exception as e:  # report every failure, then exit non-zero
+                failed += 1
+                print(f"[{i}/{len(todo)}] FAILED {v.describe()}: {e}", flush=True)
+    print(f"jax_fa4.precompile: done in {time.perf_counter() - t0:.0f}s, {failed} failed",
+          flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the GPU host (docs/DEVICE.md): build the extension, run the GPU tests and/or the
+# benchmark with precompiled kernels from .device/kernels; logs go to $OUT.
+#   tests/gpu_run.sh tests|bench|all
+set -u
+what=${1:-all}
+OUT=${OUT:-/tmp/jax_fa4_out}
+mkdir -p "$OUT"
+RT=$(python3 .device/unpack-runtime.py) || exit 1
+if ! python3 -c "import jax_fa4._ffi" 2>/dev/null; then
+  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \
+    || { tail -40 "$OUT/install.log"; exit 1; }
+fi
+export JAX_FA4_CUTE_RUNTIME=$RT JAX_FA4_CACHE_DIR=$PWD/.device/kernels JAX_FA4_COMPILE=never
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+rc=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -m gpu -q -rs ${PYTEST_ARGS:-} tests >"$OUT/gpu-tests.log" 2>&1 || rc=$?
+  grep -E "passed|failed|error" "$OUT/gpu-tests.log" | tail -5
+  grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -40
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 benchmarks/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} \
+    >"$OUT/bench.log" 2>&1 || rc=$?
+  tail -45 "$OUT/bench.log"
+fi
+exit $rc

@@ -1,0 +1,184 @@
+"""FA4 path on an SM90 GPU vs a float32 reference (marker `gpu`; skipped elsewhere).
+
+On the lent H100 these run with precompiled kernels (JAX_FA4_COMPILE=never); see
+tests/gpu_cases.py for the matrix and docs/DEVICE.md for the recipe.  Outputs are
+poisoned (NaN bytes) by the FFI handler before every launch, so an element the
+kernel did not write fails the NaN check.
+"""
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_fa4
+from jax_fa4 import ffi_target
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_cases import CALLS  # noqa: E402
+
+
+def _has_sm90() -> bool:
+    try:
+        return any(str(getattr(d, "compute_capability", "")).startswith("9")
+                   for d in jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not _has_sm90(), reason="needs an SM90 (Hopper) GPU")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def poison_outputs():
+    ffi_target.set_poison_outputs(True)
+    yield
+    ffi_target.set_poison_outputs(False)
+
+
+def reference(q, k, v, sinks, *, scale, window, softcap):
+    """float32 attention written out independently of jax_fa4.  window: top-left
+    (left, right), None unbounded.  Rows with no visible key: zeros, lse = sink/-inf."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    k = jnp.repeat(k, n // kh, axis=2)
+    v = jnp.repeat(v, n // kh, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, precision="highest") * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    i, j = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
+    vis = jnp.ones((t, s), bool)
+    if window[0] is not None:
+        vis &= j >= i - window[0]
+    if window[1] is not None:
+        vis &= j <= i + window[1]
+    logits = jnp.where(vis, logits, -jnp.inf)
+    cols = [logits]
+    if sinks is not None:
+        cols.append(jnp.broadcast_to(sinks[None, :, None, None], (b, n, t, 1)))
+    full = jnp.concatenate(cols, axis=-1)
+    lse = jax.nn.logsumexp(full, axis=-1)  # -inf where nothing is visible
+    p = jnp.where(jnp.isfinite(lse)[..., None], jnp.exp(logits - lse[..., None]), 0.0)
+    o = jnp.einsum("bnts,bsnh->btnh", p, v, precision="highest")
+    return o, jnp.swapaxes(lse, 1, 2)  # lse (B, T, N) like the API
+
+
+def _inputs(case, seed):
+    rng = np.random.default_rng(seed)
+    arrays = [jnp.asarray(rng.standard_normal(case[n][0], np.float32), case[n][1])
+              for n in ("query", "key", "value")]
+    kw = {k: v for k, v in case.items() if k not in ("query", "key", "value")}
+    if kw.get("sinks"):
+        kw["sinks"] = jnp.asarray(rng.standard_normal(case["query"][0][2], np.float32))
+    return arrays, kw
+
+
+def _window(kw):
+    w = kw.get("local_window_size")
+    left, right = (None, None) if w is None else w
+    if kw.get("is_causal"):
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def _case_id(c):
+    (b, sq, n, hd), dt = c["query"]
+    sk, kh, hdv = c["key"][0][1], c["key"][0][2], c["value"][0][3]
+    extra = "-".join(f"{k}={v}" for k, v in c.items() if k not in ("query", "key", "value"))
+    return f"{dt[:4]}-b{b}-q{sq}-k{sk}-h{n}/{kh}-d{hd}" + (f"v{hdv}" if hdv != hd else "") + (
+        f"-{extra}" if extra else "")
+
+
+def _relerr(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize("case", CALLS, ids=[_case_id(c) for c in CALLS])
+def test_forward_matches_reference(case):
+    (q, k, v), kw = _inputs(case, seed=hash(_case_id(case)) % 2**32)
+    f = jax.jit(functools.partial(jax_fa4.attention, implementation="fa4",
+                                  return_residual=True, **kw))
+    hlo = f.lower(q, k, v).compile().as_text()
+    assert "jax_fa4_cute_call" in hlo, "the FA4 custom call is not in the compiled program"
+    o, lse = f(q, k, v)
+    o, lse = np.asarray(o.astype(jnp.float32)), np.asarray(lse)
+    assert o.shape == case["query"][0][:3] + (case["value"][0][3],)
+    assert not np.isnan(o).any(), "NaN in the output: unwritten (poisoned) or bad values"
+    assert not np.isnan(lse).any(), "NaN in the LSE: unwritten (poisoned) or bad values"
+    ro, rlse = reference(q, k, v, kw.get("sinks"), scale=1 / np.sqrt(q.shape[-1]),
+                         window=_window(kw), softcap=kw.get("logits_soft_cap"))
+    ro, rlse = np.asarray(ro), np.asarray(rlse)
+    assert _relerr(o, ro) <= 1e-2, f"output rel. error {_relerr(o, ro):.2e}"
+    finite = np.isfinite(rlse)
+    np.testing.assert_array_equal(np.isfinite(lse), finite)
+    if finite.any():
+        assert _relerr(lse[finite], rlse[finite]) <= 1e-3
+    assert ffi_target.loaded_kernel_count() >= 1
+
+
+def test_default_implementation_takes_fa4_on_sm90():
+    (q, k, v), _ = _inputs(CALLS[0], seed=0)
+    hlo = jax.jit(jax_fa4.attention).lower(q, k, v).compile().as_text()
+    assert "jax_fa4_cute_call" in hlo
+    assert jax_fa4.explain(q, k, v) is None
+
+
+def test_same_jit_runs_on_cpu_and_gpu():
+    case = [c for c in CALLS if c["query"][0][1] == 333][0]
+    (q, k, v), kw = _inputs(case, seed=1)
+    f = jax.jit(functools.partial(jax_fa4.attention, **kw))
+    on_gpu = np.asarray(f(q, k, v).astype(jnp.float32))
+    cpu = jax.devices("cpu")[0]
+    on_cpu = np.asarray(f(*(jax.device_put(x, cpu) for x in (q, k, v))).astype(jnp.float32))
+    assert _relerr(on_gpu, on_cpu) <= 1e-2
+
+
+def test_grad_and_vmap_on_gpu():
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 333, 8, 128), np.float32), jnp.bfloat16)
+               for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2))  # noqa: E731
+    fa = functools.partial(jax_fa4.attention, is_causal=True, implementation="fa4")
+    ref = lambda q, k, v: reference(q, k, v, None, scale=128 ** -0.5, window=(None, 0),  # noqa: E731
+                                    softcap=None)[0]
+    g = jax.jit(jax.grad(loss(fa), argnums=(0, 1, 2)))(q, k, v)
+    gr = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, gr):
+        assert _relerr(a, b) <= 2e-2
+    vm = jax.jit(jax.vmap(fa))(q[:, None], k[:, None], v[:, None])
+    loop = jnp.stack([fa(q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i in range(2)])
+    assert _relerr(vm.astype(jnp.float32), loop.astype(jnp.float32)) == 0.0
+
+
+def test_runs_inside_cuda_graphs():
+    """The handler is marked command-buffer compatible: a loop captured into CUDA
+    graphs by XLA must give the same result as eager launches."""
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np, jax_fa4
+        rng = np.random.default_rng(0)
+        q = jnp.asarray(rng.standard_normal((2, 256, 8, 128), np.float32), jnp.bfloat16)
+        k = jnp.asarray(rng.standard_normal((2, 256, 2, 128), np.float32), jnp.bfloat16)
+        def step(i, o):
+            return jax_fa4.attention(o, k, k, is_causal=True, implementation="fa4")
+        f = jax.jit(lambda q: jax.lax.fori_loop(0, 8, step, q))
+        print(float(jnp.sum(f(q).astype(jnp.float32))))
+    """)
+    env = dict(os.environ)
+    outs = []
+    for flags in ("--xla_gpu_enable_command_buffer=", "--xla_gpu_enable_command_buffer="
+                  "FUSION,CUSTOM_CALL,WHILE --xla_gpu_graph_min_graph_size=1"):
+        env["XLA_FLAGS"] = flags
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(float(r.stdout.strip().splitlines()[-1]))
+    assert np.isfinite(outs[0]) and outs[0] == outs[1]
