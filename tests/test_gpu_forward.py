@@ -42,6 +42,7 @@ def poison_outputs():
     ffi_target.set_poison_outputs(False)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap"))
 def reference(q, k, v, sinks, *, scale, window, softcap):
     """float32 attention written out independently of jax_fa4.  window: top-left
     (left, right), None unbounded.  Rows with no visible key: zeros, lse = sink/-inf."""
@@ -106,14 +107,14 @@ def test_forward_matches_reference(case):
     (q, k, v), kw = _inputs(case, seed=hash(_case_id(case)) % 2**32)
     f = jax.jit(functools.partial(jax_fa4.attention, implementation="fa4",
                                   return_residual=True, **kw))
-    hlo = f.lower(q, k, v).compile().as_text()
-    assert "jax_fa4_cute_call" in hlo, "the FA4 custom call is not in the compiled program"
-    o, lse = f(q, k, v)
+    compiled = f.lower(q, k, v).compile()
+    assert "jax_fa4_cute_call" in compiled.as_text(), "the FA4 custom call is not in the program"
+    o, lse = compiled(q, k, v)
     o, lse = np.asarray(o.astype(jnp.float32)), np.asarray(lse)
     assert o.shape == case["query"][0][:3] + (case["value"][0][3],)
     assert not np.isnan(o).any(), "NaN in the output: unwritten (poisoned) or bad values"
     assert not np.isnan(lse).any(), "NaN in the LSE: unwritten (poisoned) or bad values"
-    ro, rlse = reference(q, k, v, kw.get("sinks"), scale=1 / np.sqrt(q.shape[-1]),
+    ro, rlse = reference(q, k, v, kw.get("sinks"), scale=float(1 / np.sqrt(q.shape[-1])),
                          window=_window(kw), softcap=kw.get("logits_soft_cap"))
     ro, rlse = np.asarray(ro), np.asarray(rlse)
     assert _relerr(o, ro) <= 1e-2, f"output rel. error {_relerr(o, ro):.2e}"
@@ -148,8 +149,8 @@ def test_grad_and_vmap_on_gpu():
     k, v = k[:, :, :2], v[:, :, :2]
     loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2))  # noqa: E731
     fa = functools.partial(jax_fa4.attention, is_causal=True, implementation="fa4")
-    ref = lambda q, k, v: reference(q, k, v, None, scale=128 ** -0.5, window=(None, 0),  # noqa: E731
-                                    softcap=None)[0]
+    ref = lambda q, k, v: reference(q, k, v, None, scale=128 ** -0.5,  # noqa: E731
+                                    window=(None, 0), softcap=None)[0]
     g = jax.jit(jax.grad(loss(fa), argnums=(0, 1, 2)))(q, k, v)
     gr = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, gr):
