@@ -15,10 +15,12 @@ export JAX_FA4_CUTE_RUNTIME=$RT JAX_FA4_CACHE_DIR=$PWD/.device/kernels JAX_FA4_C
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
+  # No GEMM autotuning for the tests: it costs seconds per new reference shape.
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
   timeout ${TEST_TIMEOUT:-3000} python3 -u -m pytest -m gpu -q -rs --durations=15 ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed"; rc=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 benchmarks/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} \
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} \
     >"$OUT/bench.log" 2>&1 || rc=$?
   tail -45 "$OUT/bench.log"
 fi
