@@ -21,7 +21,6 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} \
-    >"$OUT/bench.log" 2>&1 || rc=$?
-  tail -45 "$OUT/bench.log"
+    2>&1 | tee "$OUT/bench.log" | grep -vE "^(WARNING|I0000|E0000)"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc
