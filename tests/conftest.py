@@ -1,0 +1,86 @@
+"""Shared test configuration for jax_fa4.
+
+* Unless JAX_FA4_CACHE_DIR is set already (e.g. to precompiled kernels on a GPU
+  host), the session gets its own temporary kernel cache directory, set before any
+  test runs, so tests never read or write ~/.cache/jax_fa4.
+* On CPU-only installs (no PJRT plugin such as jax_cuda12_plugin), XLA compiles test
+  programs at backend optimization level 0 unless XLA_FLAGS says otherwise: CPU
+  compiles get ~4x faster, and they are most of the CPU suite's time.
+* `kernel_cache`: a fresh, empty cache directory for one test, with jax_fa4's
+  in-memory kernel cache cleared, so the test sees compile -> disk -> memory from
+  scratch.
+* `has_compiler()`: whether the CuTe DSL toolchain (flash_attn + cutlass) is
+  installed, checked without importing it.
+
+The `gpu` and `compile` markers are declared in pyproject.toml.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+import pytest
+
+
+def has_compiler() -> bool:
+    """True if FA4 (flash_attn) and the CuTe DSL (cutlass) are importable.
+
+    Uses find_spec only: importing them is slow and would defeat tests that check
+    jax_fa4 never imports them on its own."""
+    try:
+        return (importlib.util.find_spec("flash_attn") is not None
+                and importlib.util.find_spec("cutlass") is not None)
+    except (ImportError, ValueError):
+        return False
+
+
+def _cpu_only_install() -> bool:
+    names = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+             "jax_rocm7_plugin", "libtpu")
+    try:
+        return all(importlib.util.find_spec(n) is None for n in names)
+    except (ImportError, ValueError):
+        return False
+
+
+if _cpu_only_install() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    # Read when JAX creates its first backend, i.e. after this (conftest) import.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
+
+
+requires_compiler = pytest.mark.skipif(
+    not has_compiler(), reason="needs jax_fa4[compile] (flash-attn-4 and nvidia-cutlass-dsl)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_kernel_cache_dir(tmp_path_factory):
+    """Points JAX_FA4_CACHE_DIR at a per-session temporary directory (for the whole
+    session, including subprocesses started by tests) and restores it afterwards."""
+    old = os.environ.get("JAX_FA4_CACHE_DIR")
+    if old:  # an explicit cache (e.g. precompiled kernels for the GPU tests) is kept
+        yield pathlib.Path(old)
+        return
+    path = tmp_path_factory.mktemp("jax_fa4_kernels")
+    os.environ["JAX_FA4_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("JAX_FA4_CACHE_DIR", None)
+    else:
+        os.environ["JAX_FA4_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """A fresh, empty kernel cache for one test: JAX_FA4_CACHE_DIR -> a new temporary
+    directory, JAX_FA4_COMPILE unset (i.e. "auto"), and the in-memory cache cleared
+    before and after the test.  Yields the directory (a pathlib.Path)."""
+    from jax_fa4.kernels import cache
+
+    path = tmp_path / "kernels"
+    monkeypatch.setenv("JAX_FA4_CACHE_DIR", str(path))
+    monkeypatch.delenv("JAX_FA4_COMPILE", raising=False)
+    cache.clear_memory_cache()
+    yield path
+    cache.clear_memory_cache()
