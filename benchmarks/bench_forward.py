@@ -134,6 +134,55 @@ def bench_one(cfg, direct, reps, backends):
     return res
 
 
+# Tile candidates tried by --tile-sweep (direct launches only), keyed by head dim.
+SWEEP_TILES = {
+    64: [(192, 128, True), (128, 128, True), (192, 192, True), (128, 192, True),
+         (192, 96, True), (192, 128, False)],
+    128: [(128, 128, True), (128, 176, True), (128, 96, True), (192, 128, False)],
+}
+
+
+def sweep_variants():
+    """(config, variant) pairs for --tile-sweep; also used to precompile them."""
+    import dataclasses
+
+    from jax_fa4.kernels import ForwardVariant, TileConfig
+
+    out = []
+    for d, tiles in SWEEP_TILES.items():
+        for s in (1024, 4096):
+            for causal in (False, True):
+                h = 2048 // d
+                cfg = dict(b=32768 // s, s=s, h=h, hk=h, d=d, causal=causal, dtype="bfloat16")
+                base = ForwardVariant("bfloat16", d, d, 1, "causal" if causal else "none")
+                for tm, tn, rs in tiles:
+                    out.append((cfg, dataclasses.replace(base, tile=TileConfig(tm, tn, rs, True))))
+    return out
+
+
+def tile_sweep(direct, reps):
+    from jax_fa4.dispatch import KernelPlan
+
+    rows = []
+    for cfg, variant in sweep_variants():
+        b, s, h, d, causal = (cfg[k] for k in ("b", "s", "h", "d", "causal"))
+        key = jax.random.split(jax.random.PRNGKey(0), 3)
+        q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in key)
+        o, lse = jnp.zeros((b, s, h, d), jnp.bfloat16), jnp.zeros((b, h, s), jnp.float32)
+        jax.block_until_ready((q, k, v, o, lse))
+        t = variant.tile
+        try:
+            sec = direct.time(KernelPlan(variant, 0, 0), 1 / math.sqrt(d), [q, k, v, o, lse], reps)
+            tf = flops(b, h, s, s, d, causal) / sec / 1e12
+        except Exception as e:  # a tile that does not fit or fails to load
+            tf = None
+            print(f"  {variant.describe()}: {type(e).__name__}: {e}", flush=True)
+        rows.append(dict(cfg, tile=[t.tile_m, t.tile_n, t.mma_pv_is_rs], tflops=tf))
+        print(f"sweep b{b} s{s} d{d} {'causal' if causal else 'full'} tile {t.tile_m}x{t.tile_n}"
+              f"{' rs' if t.mma_pv_is_rs else ''}: {tf and round(tf, 1)}", flush=True)
+    return rows
+
+
 def configs(quick):
     out = [dict(b=4, s=8192, h=16, hk=16, d=128, causal=True, dtype="bfloat16", headline=True)]
     seqs = (1024, 4096, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384)
@@ -152,10 +201,17 @@ def main():
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--backends", default="jax_fa4,cudnn,xla,direct")
+    p.add_argument("--tile-sweep", action="store_true",
+                   help="only time alternative tiles (SWEEP_TILES) by direct launch")
     args = p.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
     direct = DirectLauncher()
+    if args.tile_sweep:
+        rows = tile_sweep(direct, args.reps)
+        with open(args.out, "w") as f:
+            json.dump(dict(device=dev.device_kind, date=time.strftime("%Y-%m-%d"), sweep=rows), f)
+        return
     backends = args.backends.split(",")
     results = []
     cfgs = configs(args.quick)
