@@ -1,7 +1,6 @@
 """Public entry points: argument validation, then dispatch to the kernel or fallback."""
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -10,7 +9,8 @@ import numpy as np
 
 from . import fallback
 from .dispatch import DenseCall, Unsupported, device_reason, plan_dense
-from .primitive import FwdParams, fa4_forward
+from .autodiff import fa4_call
+from .primitive import FwdParams
 
 _IMPLEMENTATIONS = (None, "fa4", "cudnn", "xla")
 
@@ -53,7 +53,7 @@ def _scalar(x, name, *, positive=False):
         return None
     try:
         val = float(x)
-    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
         raise ValueError(f"{name} must be a static Python number, got {x!r}") from e
     if not math.isfinite(val) or (positive and val <= 0):
         raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {val}")
@@ -92,6 +92,8 @@ def _validate(query, key, value, bias, mask, scale, is_causal, local_window_size
         if sinks.shape != (n,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
             raise ValueError(f"sinks must be a float array of shape (num_query_heads,) = ({n},), "
                              f"got {sinks.dtype}{list(sinks.shape)}")
+        if isinstance(sinks, jax.Array) or not isinstance(sinks, jax.ShapeDtypeStruct):
+            sinks = sinks.astype(jnp.float32)  # the kernel reads float32 sinks
     return q, k, v, sinks, scale, softcap, _window(is_causal, local_window_size)
 
 
@@ -102,29 +104,6 @@ def _describe(q, k, v, window, softcap, sinks, bias, mask) -> DenseCall:
         dtype=np.dtype(q.dtype).name, batch=q4[0], seq_q=q4[1], seq_k=k4[1], heads_q=q4[2],
         heads_k=k4[2], head_dim=q4[3], head_dim_v=v.shape[-1], window=window, softcap=softcap,
         has_sinks=sinks is not None, has_bias=bias is not None, has_mask=mask is not None)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fa4_attention(q, k, v, sinks, params):
-    return fa4_forward(q, k, v, sinks, params)
-
-
-def _fa4_attention_fwd(q, k, v, sinks, params):
-    return fa4_forward(q, k, v, sinks, params), (q, k, v, sinks)
-
-
-def _fa4_attention_bwd(params, res, cts):
-    # Until the native backward lands: differentiate the pure-JAX attention,
-    # which computes the same function (float32 softmax).
-    def f(q, k, v, sinks):
-        return fallback.reference_attention(
-            q, k, v, sinks, scale=params.scale, window=params.window, softcap=params.softcap)
-
-    _, vjp = jax.vjp(f, *res)
-    return vjp(cts)
-
-
-_fa4_attention.defvjp(_fa4_attention_fwd, _fa4_attention_bwd)
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -169,8 +148,10 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         except Unsupported as e:
             reason = str(e)
         if reason is None:
-            params = FwdParams(plan, scale, window, softcap, forced=implementation == "fa4")
-            return finish(*_fa4_attention(q, k, v, sinks, params))
+            params = FwdParams("dense", plan, scale, window, softcap,
+                               forced=implementation == "fa4")
+            args = dict(q=q, k=k, v=v) if sinks is None else dict(q=q, k=k, v=v, sinks=sinks)
+            return finish(*fa4_call(args, params))
         if implementation == "fa4":
             raise NotImplementedError(f"jax_fa4: implementation='fa4' cannot run this call: {reason}")
 
@@ -180,17 +161,25 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     if mask is not None:
         mask = jnp.asarray(mask)
         mask = mask[None] if squeeze else mask
-    if fallback.jax_nn_can_run(q, k, v, softcap=softcap, has_sinks=sinks is not None):
-        is_c, local = fallback.jax_nn_window(window)
-        out = jax.nn.dot_product_attention(
-            q, k, v, bias, mask, scale=scale, is_causal=is_c, local_window_size=local,
-            implementation=None if implementation == "fa4" else implementation,
-            return_residual=True)
+    can_jax_nn = fallback.jax_nn_can_run(q, k, v, softcap=softcap, has_sinks=sinks is not None)
+    is_c, local = fallback.jax_nn_window(window)
+    nn_kwargs = dict(scale=scale, is_causal=is_c, local_window_size=local)
+    if implementation in ("cudnn", "xla") and can_jax_nn:  # explicit pass-through
+        out = jax.nn.dot_product_attention(q, k, v, bias, mask, implementation=implementation,
+                                           return_residual=return_residual, **nn_kwargs)
+        if not return_residual:
+            return out[0] if squeeze else out
         o, res = out
-        return finish(o, jnp.swapaxes(res, 1, 2).astype(jnp.float32))
+        return (o[0], res[0].astype(jnp.float32)) if squeeze else (o, res.astype(jnp.float32))
     if implementation == "cudnn":
-        raise NotImplementedError("implementation='cudnn' cannot apply logits_soft_cap, sinks or "
-                                  "a value head_dim different from the key's")
+        raise NotImplementedError("implementation='cudnn' cannot apply logits_soft_cap, sinks "
+                                  "or a value head_dim different from the key's")
+    # Otherwise jax.nn (XLA) when it expresses the call.  return_residual takes jax_fa4's
+    # own attention instead (jax.nn's residual is rounded to the input dtype and carries
+    # no gradient), and so does float16 (jax.nn's F16_F16_F32 dot does not lower on CPU).
+    if can_jax_nn and not return_residual and q.dtype != jnp.float16:
+        o = jax.nn.dot_product_attention(q, k, v, bias, mask, **nn_kwargs)
+        return o[0] if squeeze else o
     return finish(*fallback.reference_attention(
         q, k, v, sinks, scale=scale, window=window, softcap=softcap, bias=bias, mask=mask))
 

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from .kernels.config import ForwardVariant
+from .kernels.config import ForwardVariant, sm90_forward_tile
 
 _INT32_MAX = 2**31 - 1
 
@@ -53,6 +53,33 @@ def _check_head_dim(name: str, d: int) -> None:
                           "(a multiple of 8 between 8 and 256)")
 
 
+def _check_common(dtype: str, head_dim: int, head_dim_v: int, heads_q: int, heads_k: int):
+    if dtype not in ("bfloat16", "float16"):
+        raise Unsupported(f"dtype {dtype} is not supported by the FA4 kernel "
+                          "(bfloat16 or float16)")
+    _check_head_dim("head_dim", head_dim)
+    _check_head_dim("value head_dim", head_dim_v)
+    if heads_q == 0 or heads_k == 0:
+        raise Unsupported("an empty dimension (heads is 0)")
+    if heads_q % heads_k:
+        raise Unsupported("query heads are not a multiple of key/value heads")
+
+
+def _check_int32(**numels: int) -> None:
+    for name, n in numels.items():
+        if n > _INT32_MAX:
+            raise Unsupported(f"{name} has more than 2**31-1 elements (int32 indexing)")
+
+
+def _fa_mask(left: int | None, right: int | None) -> tuple[str, int, int]:
+    """FA's bottom-right window (None = unbounded) -> (mask kind, wl, wr)."""
+    if left is None and right is None:
+        return "none", 0, 0
+    if left is None and right == 0:
+        return "causal", 0, 0
+    return "local", left or 0, right or 0
+
+
 def plan_dense(c: DenseCall) -> KernelPlan:
     """The kernel variant for `c`, or raises Unsupported with the reason."""
     if c.has_bias:
@@ -60,21 +87,12 @@ def plan_dense(c: DenseCall) -> KernelPlan:
     if c.has_mask:
         raise Unsupported("an explicit mask is not supported by the FA4 kernel "
                           "(use is_causal / local_window_size)")
-    if c.dtype not in ("bfloat16", "float16"):
-        raise Unsupported(f"dtype {c.dtype} is not supported by the FA4 kernel "
-                          "(bfloat16 or float16)")
-    _check_head_dim("head_dim", c.head_dim)
-    _check_head_dim("value head_dim", c.head_dim_v)
-    if min(c.batch, c.seq_q, c.seq_k, c.heads_q, c.heads_k) == 0:
-        raise Unsupported("an empty dimension (batch, sequence or heads is 0)")
-    for name, n in [
-        ("query", c.batch * c.seq_q * c.heads_q * max(c.head_dim, c.head_dim_v)),
-        ("key/value", c.batch * c.seq_k * c.heads_k * max(c.head_dim, c.head_dim_v)),
-    ]:
-        if n > _INT32_MAX:
-            raise Unsupported(f"{name} has more than 2**31-1 elements (int32 indexing)")
-    if c.heads_q % c.heads_k:
-        raise Unsupported("query heads are not a multiple of key/value heads")
+    _check_common(c.dtype, c.head_dim, c.head_dim_v, c.heads_q, c.heads_k)
+    if min(c.batch, c.seq_q, c.seq_k) == 0:
+        raise Unsupported("an empty dimension (batch or sequence length is 0)")
+    hd = max(c.head_dim, c.head_dim_v)
+    _check_int32(query=c.batch * c.seq_q * c.heads_q * hd,
+                 key_value=c.batch * c.seq_k * c.heads_k * hd)
 
     # jax.nn aligns query i with key i (top-left); FA4 aligns the last query with the
     # last key (bottom-right), i.e. query i with key i + offset.
@@ -88,14 +106,9 @@ def plan_dense(c: DenseCall) -> KernelPlan:
                 f"with seq_q={c.seq_q} and seq_k={c.seq_k} the {name} window bound is "
                 f"{w} in FA4's bottom-right-aligned convention; the kernel needs >= 0"
             )
-    if fa_left is None and fa_right is None:
-        mask, wl, wr = "none", 0, 0
-    elif fa_left is None and fa_right == 0:
-        mask, wl, wr = "causal", 0, 0
-    else:
-        mask, wl, wr = "local", fa_left or 0, fa_right or 0
-        # Window bounds beyond the sequence change nothing but could overflow int32.
-        wl, wr = min(wl, c.seq_k + c.seq_q), min(wr, c.seq_k + c.seq_q)
+    mask, wl, wr = _fa_mask(fa_left, fa_right)
+    # Window bounds beyond the sequences change nothing but could overflow int32.
+    wl, wr = min(wl, c.seq_k + c.seq_q), min(wr, c.seq_k + c.seq_q)
     variant = ForwardVariant(
         dtype=c.dtype,
         head_dim=c.head_dim,
@@ -106,6 +119,76 @@ def plan_dense(c: DenseCall) -> KernelPlan:
         window_right=mask == "local" and fa_right is not None,
         softcap=c.softcap,
         has_sinks=c.has_sinks,
+    )
+    return KernelPlan(variant, wl, wr)
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenCall:
+    """Static description of a `varlen_attention` or `paged_attention` call.
+    kv_layout 'packed' (varlen) or 'paged'; q_layout 'packed' or 'dense'."""
+
+    dtype: str
+    q_layout: str
+    kv_layout: str
+    batch: int
+    total_q: int  # rows of q (packed), or b * s_q (dense)
+    heads_q: int
+    heads_k: int
+    head_dim: int
+    head_dim_v: int
+    kv_rows: int  # total_k (packed), or pages * page_size (paged)
+    window: tuple[int | None, int | None]  # FA's bottom-right convention
+    softcap: float | None = None
+    has_sinks: bool = False
+    has_seqused_q: bool = False
+    has_seqused_k: bool = False
+    page_size: int | None = None
+
+
+# Cap on windows passed to the kernel: larger bounds change nothing (sequences are
+# int32-indexed) and the kernel adds them to positions.
+_WINDOW_CAP = 1 << 30
+
+
+def plan_varlen(c: VarlenCall) -> KernelPlan:
+    """Kernel plan for packed (varlen) or paged attention, or raises Unsupported."""
+    _check_common(c.dtype, c.head_dim, c.head_dim_v, c.heads_q, c.heads_k)
+    if c.batch == 0 or c.total_q == 0 or c.kv_rows == 0:
+        raise Unsupported("an empty dimension (no sequences, query rows or key rows)")
+    hd = max(c.head_dim, c.head_dim_v)
+    _check_int32(query=c.total_q * c.heads_q * hd, key_value=c.kv_rows * c.heads_k * hd)
+    mask, wl, wr = _fa_mask(*c.window)
+    wl, wr = min(wl, _WINDOW_CAP), min(wr, _WINDOW_CAP)
+    tile = sm90_forward_tile(c.head_dim, c.head_dim_v, mask == "causal", mask == "local")
+    paged_tma = False
+    if c.kv_layout == "paged":
+        if c.page_size % 8:
+            raise Unsupported(f"page_size {c.page_size} is not a multiple of 8")
+        # TMA loads whole pages when a page is exactly one K/V tile; hdim 256's tile_n
+        # (80, or 64 with windows) also runs well at 64, so 64-token pages take TMA there.
+        if c.page_size == tile.tile_n or (c.page_size == 64 and c.head_dim > 192):
+            paged_tma = True
+            tile = dataclasses.replace(tile, tile_n=c.page_size)
+        elif c.head_dim % 16 or c.head_dim_v % 16:
+            raise Unsupported("paged KV with page_size != tile_n uses FA4's cp.async path, "
+                              "which needs head dims that are multiples of 16")
+    variant = ForwardVariant(
+        dtype=c.dtype,
+        head_dim=c.head_dim,
+        head_dim_v=c.head_dim_v,
+        qhead_per_kvhead=c.heads_q // c.heads_k,
+        mask=mask,
+        window_left=mask == "local" and c.window[0] is not None,
+        window_right=mask == "local" and c.window[1] is not None,
+        softcap=c.softcap,
+        has_sinks=c.has_sinks,
+        q_layout=c.q_layout,
+        kv_layout=c.kv_layout,
+        has_seqused_q=c.has_seqused_q,
+        has_seqused_k=c.has_seqused_k,
+        paged_tma=paged_tma,
+        tile=tile,
     )
     return KernelPlan(variant, wl, wr)
 

@@ -89,19 +89,104 @@ def jax_nn_window(window):
     return False, (big if left is None else left, big if right is None else right)
 
 
-def dense_fallback(q, k, v, sinks=None, *, scale, window, softcap, implementation=None):
-    """(out, lse (B,N,T) float32) by jax.nn.dot_product_attention when it expresses the
-    call, else by `reference_attention`."""
-    if jax_nn_can_run(q, k, v, softcap=softcap, has_sinks=sinks is not None):
-        is_causal, local = jax_nn_window(window)
-        kwargs = dict(scale=scale, is_causal=is_causal, local_window_size=local,
-                      return_residual=True)
-        if implementation == "cudnn-if-possible":
-            try:
-                o, res = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
-                return o, jnp.swapaxes(res, 1, 2).astype(jnp.float32)
-            except Exception:  # cuDNN rejects this shape/dtype/version: use XLA
-                implementation = None
-        o, res = jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
-        return o, jnp.swapaxes(res, 1, 2).astype(jnp.float32)
-    return reference_attention(q, k, v, sinks, scale=scale, window=window, softcap=softcap)
+def dense_fallback(q, k, v, sinks=None, *, scale, window, softcap, platform="cpu"):
+    """(out, lse (B,N,T) float32) for the primitive on devices without the kernel.
+
+    On CUDA the output comes from jax.nn.dot_product_attention (cuDNN where it accepts
+    the call, else XLA) when it expresses the call; the LSE always comes from
+    `reference_attention` (jax.nn's residual is rounded to the input dtype and carries
+    no gradient), and XLA drops that computation when the LSE is unused.  Elsewhere
+    `reference_attention` computes both (it is what jax.nn's XLA path computes, and it
+    also runs float16 on CPU, where jax.nn's F16_F16_F32 dot does not lower).
+    """
+    o_ref, lse = reference_attention(q, k, v, sinks, scale=scale, window=window,
+                                     softcap=softcap)
+    if platform != "cuda" or not jax_nn_can_run(q, k, v, softcap=softcap,
+                                                   has_sinks=sinks is not None):
+        return o_ref, lse
+    is_causal, local = jax_nn_window(window)
+    kwargs = dict(scale=scale, is_causal=is_causal, local_window_size=local)
+    try:
+        o = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+    except Exception:  # cuDNN rejects this shape/dtype/version: use XLA
+        o = jax.nn.dot_product_attention(q, k, v, **kwargs)
+    return o, lse
+
+
+def _lengths_mask(len_q, len_k, tq: int, tk: int, window):
+    """(B, 1, tq, tk) visibility for per-sequence lengths, windows bottom-right aligned
+    (FA's convention: query t of a sequence sits at key position len_k - len_q + t)."""
+    t = jnp.arange(tq)[None, :, None]
+    s = jnp.arange(tk)[None, None, :]
+    lq, lk = len_q[:, None, None], len_k[:, None, None]
+    vis = (t < lq) & (s < lk)
+    pos = t + lk - lq
+    left, right = window
+    if left is not None:
+        vis &= s >= pos - left
+    if right is not None:
+        vis &= s <= pos + right
+    return vis[:, None]
+
+
+def _gather_rows(x, starts, width: int):
+    """Packed (total, ...) -> (B, width, ...) rows starts[b] + i (clamped; masked later)."""
+    idx = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, x.shape[0] - 1)
+    return x[idx]
+
+
+def _unpack_rows(od, lse_d, cu_q, len_q, total: int):
+    """(B, T, N, Hv), (B, N, T) -> packed (total, N, Hv), (N, total); rows outside every
+    sequence's used length get zeros and lse -inf."""
+    r = jnp.arange(total)
+    b = jnp.clip(jnp.searchsorted(cu_q, r, side="right") - 1, 0, cu_q.shape[0] - 2)
+    t = r - cu_q[b]
+    valid = (t >= 0) & (t < len_q[b])
+    t = jnp.clip(t, 0, od.shape[1] - 1)
+    o = jnp.where(valid[:, None, None], od[b, t], 0).astype(od.dtype)
+    lse = jnp.where(valid[None, :], lse_d[b, :, t].T, -jnp.inf)
+    return o, lse
+
+
+def varlen_fallback(q, k, v, cu_q, cu_k, seqused_q, seqused_k, sinks, *, max_seqlen_q,
+                    max_seqlen_k, scale, window, softcap):
+    """Packed varlen attention in pure JAX: unpack to (B, max_seqlen, ...), attend with
+    per-sequence masks, repack.  Returns (out (total_q, N, Hv), lse (N, total_q))."""
+    len_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q
+    len_k = cu_k[1:] - cu_k[:-1] if seqused_k is None else seqused_k
+    qd = _gather_rows(q, cu_q[:-1], max_seqlen_q)
+    kd, vd = (_gather_rows(x, cu_k[:-1], max_seqlen_k) for x in (k, v))
+    mask = _lengths_mask(len_q, len_k, max_seqlen_q, max_seqlen_k, window)
+    od, lse_d = reference_attention(qd, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
+    return _unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])
+
+
+def gather_pages(cache, page_table):
+    """(pages, page_size, K, H) cache, (B, max_pages) table -> (B, max_pages*page_size, K, H).
+    Out-of-range page indices are clamped (as jnp indexing does)."""
+    b, mp = page_table.shape
+    x = cache[page_table]
+    return x.reshape(b, mp * cache.shape[1], *cache.shape[2:])
+
+
+def paged_fallback(q, k_cache, v_cache, page_table, seqused_k, cu_q, seqused_q, sinks, *,
+                   max_seqlen_q, scale, window, softcap):
+    """Paged attention in pure JAX: gather each sequence's pages, then attend.
+    q dense (B, T, N, H) -> (out, lse (B, N, T)); q packed (with cu_q) -> (out packed,
+    lse (N, total_q))."""
+    kd, vd = gather_pages(k_cache, page_table), gather_pages(v_cache, page_table)
+    if cu_q is None:
+        b, t = q.shape[:2]
+        len_q = jnp.full((b,), t, jnp.int32) if seqused_q is None else seqused_q
+        mask = _lengths_mask(len_q, seqused_k, t, kd.shape[1], window)
+        o, lse = reference_attention(q, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
+        if seqused_q is not None:  # rows past a sequence's used length: zeros
+            valid = jnp.arange(t)[None, :] < seqused_q[:, None]
+            o = jnp.where(valid[:, :, None, None], o, 0).astype(o.dtype)
+            lse = jnp.where(valid[:, None, :], lse, -jnp.inf)
+        return o, lse
+    len_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q
+    qd = _gather_rows(q, cu_q[:-1], max_seqlen_q)
+    mask = _lengths_mask(len_q, seqused_k, max_seqlen_q, kd.shape[1], window)
+    od, lse_d = reference_attention(qd, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
+    return _unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])

@@ -1,17 +1,19 @@
 """The `jax_fa4_fwd` primitive: abstract eval, per-platform lowering, batching.
 
-Outputs are (out (B,T,N,Hv), lse (B,N,T) float32).  On CUDA with an SM90 device
-the lowering emits one `stablehlo.custom_call` to the FFI handler with the kernel
-object as an attribute; on every other platform (and on CUDA devices that are not
-SM90) it lowers the pure-JAX fallback.  Choosing at lowering time lets one jitted
-function run on CPU and on H100, and keeps kernel compilation (which needs the
-CuTe DSL) out of CPU-only runs.
+Operands follow the kernel ABI (kernels/forward_abi.py): q, k, v, then the optional
+int32 metadata (cu_seqlens, seqused, page table) and sinks.  Outputs are
+(out, lse float32): lse is (B, N, T) for dense q and (N, total_q) for packed q.
+
+On CUDA with an SM90 device the lowering emits one `stablehlo.custom_call` to the
+FFI handler with the kernel object as an attribute; on every other platform (and on
+CUDA devices that are not SM90) it lowers the pure-JAX fallback.  Choosing at
+lowering time lets one jitted function run on CPU and on H100, and keeps kernel
+compilation (which needs the CuTe DSL) out of CPU-only runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import warnings
 
 import jax
@@ -24,28 +26,35 @@ from . import fallback
 from .dispatch import KernelPlan, device_reason
 from .ffi_target import TARGET, ensure_registered
 from .kernels import MissingKernelError, get_object
-
-logger = logging.getLogger("jax_fa4")
+from .kernels.forward_abi import operands, size_dims
 
 
 @dataclasses.dataclass(frozen=True)
 class FwdParams:
-    """Static parameters of one forward call (hashable: a primitive parameter)."""
+    """Static parameters of one forward call (hashable: a primitive parameter).
 
+    kind: 'dense' (attention), 'varlen' or 'paged'.  window: for 'dense' jax.nn's
+    top-left convention, else FA's bottom-right one (None = unbounded); the plan holds
+    the kernel's own bounds.  max_seqlen_q/k: static bounds for the fallback."""
+
+    kind: str
     plan: KernelPlan
     scale: float
-    window: tuple[int | None, int | None]  # top-left (jax.nn) convention, for the fallback
+    window: tuple[int | None, int | None]
     softcap: float | None
     forced: bool  # implementation='fa4': never fall back silently
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
 
 
 fa4_fwd_p = core.Primitive("jax_fa4_fwd")
 fa4_fwd_p.multiple_results = True
 
 
-def fa4_forward(q, k, v, sinks, params: FwdParams):
-    args = (q, k, v) if sinks is None else (q, k, v, sinks)
-    return tuple(fa4_fwd_p.bind(*args, params=params))
+def fa4_forward(args: dict, params: FwdParams):
+    """Binds the primitive; `args` maps forward_abi operand names to arrays."""
+    ordered = [args[name] for name, _ in operands(params.plan.variant)]
+    return tuple(fa4_fwd_p.bind(*ordered, params=params))
 
 
 @fa4_fwd_p.def_impl
@@ -54,21 +63,36 @@ def _impl(*args, params):
 
 
 @fa4_fwd_p.def_abstract_eval
-def _abstract_eval(q, k, v, *sinks, params):
-    b, t, n, _ = q.shape
-    hv = v.shape[-1]
-    return (
-        jax.core.ShapedArray((b, t, n, hv), q.dtype),
-        jax.core.ShapedArray((b, n, t), jnp.float32),
-    )
+def _abstract_eval(q, k, v, *rest, params):
+    out = jax.core.ShapedArray(q.shape[:-1] + (v.shape[-1],), q.dtype)
+    if q.ndim == 4:
+        b, t, n, _ = q.shape
+        lse = jax.core.ShapedArray((b, n, t), jnp.float32)
+    else:
+        lse = jax.core.ShapedArray((q.shape[1], q.shape[0]), jnp.float32)
+    return out, lse
 
 
-def _fallback(q, k, v, *sinks, params: FwdParams, platform: str):
-    return fallback.dense_fallback(
-        q, k, v, sinks[0] if sinks else None,
-        scale=params.scale, window=params.window, softcap=params.softcap,
-        implementation="cudnn-if-possible" if platform == "cuda" else None,
-    )
+def _fallback(*args, params: FwdParams, platform: str):
+    a = dict(zip((n for n, _ in operands(params.plan.variant)), args))
+    common = dict(scale=params.scale, window=params.window, softcap=params.softcap)
+    if params.kind == "dense":
+        return fallback.dense_fallback(a["q"], a["k"], a["v"], a.get("sinks"), **common,
+                                       platform=platform)
+    if params.kind == "varlen":
+        return fallback.varlen_fallback(
+            a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a.get("seqused_q"),
+            a.get("seqused_k"), a.get("sinks"), max_seqlen_q=params.max_seqlen_q,
+            max_seqlen_k=params.max_seqlen_k, **common)
+    return fallback.paged_fallback(
+        a["q"], a["k"], a["v"], a["page_table"], a["seqused_k"], a.get("cu_seqlens_q"),
+        a.get("seqused_q"), a.get("sinks"), max_seqlen_q=params.max_seqlen_q, **common)
+
+
+def fallback_call(args: dict, params: FwdParams):
+    """The pure-JAX computation of the primitive (what non-CUDA platforms lower)."""
+    ordered = [args[name] for name, _ in operands(params.plan.variant)]
+    return _fallback(*ordered, params=params, platform="cpu")
 
 
 def _lower_fallback(ctx, *args, params: FwdParams, platform: str):
@@ -98,17 +122,14 @@ def _lower_cuda(ctx, *args, params: FwdParams):
     if reason is not None:
         if params.forced:
             raise NotImplementedError(f"jax_fa4: implementation='fa4' cannot run: {reason}")
-        warnings.warn(f"jax_fa4: falling back to jax.nn.dot_product_attention: {reason}",
-                      stacklevel=2)
+        warnings.warn(f"jax_fa4: falling back to pure JAX attention: {reason}", stacklevel=2)
         return _lower_fallback(ctx, *args, params=params, platform="cuda")
-    from .kernels.forward_abi import SIZE_DIMS
-
     return jax.ffi.ffi_lowering(TARGET)(
         ctx,
         *args,
         object=np.frombuffer(obj, dtype=np.uint8),
         symbol=plan.variant.symbol,
-        size_dims=np.asarray(SIZE_DIMS, dtype=np.int64).reshape(-1),
+        size_dims=np.asarray(size_dims(plan.variant), dtype=np.int64).reshape(-1),
         i32_scalars=np.asarray([plan.window_left, plan.window_right], dtype=np.int32),
         f32_scalars=np.asarray([params.scale], dtype=np.float32),
     )
@@ -122,8 +143,11 @@ mlir.register_lowering(fa4_fwd_p, _lower_cuda, platform="cuda")
 
 
 def _batch(args, dims, *, params: FwdParams):
-    """vmap: fold the mapped axis into batch, or into heads when sinks are mapped
-    (sinks are per head).  Either way it is one kernel launch."""
+    """vmap of dense attention: fold the mapped axis into batch, or into heads when
+    sinks are mapped (sinks are per head).  Either way it is one kernel launch."""
+    if params.kind != "dense":
+        raise NotImplementedError("jax_fa4: vmap of varlen/paged attention is not supported "
+                                  "yet; pack the mapped axis into the batch instead")
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
 
     def front(x, d):  # mapped axis first; unmapped operands are broadcast
@@ -133,12 +157,13 @@ def _batch(args, dims, *, params: FwdParams):
     sinks = args[3] if len(args) > 3 else None
     if sinks is None or dims[3] is None:
         fold = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
-        o, lse = fa4_forward(fold(q), fold(k), fold(v), sinks, params)
+        o, lse = fa4_forward(dict(q=fold(q), k=fold(k), v=fold(v), sinks=sinks), params)
         return (o.reshape((size, -1) + o.shape[1:]),
                 lse.reshape((size, -1) + lse.shape[1:])), (0, 0)
     # (V, B, T, N, H) -> (B, T, V*N, H): head v*N + n still maps to kv head v*K + n//G.
     heads = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (-1, x.shape[-1]))  # noqa: E731
-    o, lse = fa4_forward(heads(q), heads(k), heads(v), front(sinks, dims[3]).reshape(-1), params)
+    sinks = front(sinks, dims[3]).reshape(-1)
+    o, lse = fa4_forward(dict(q=heads(q), k=heads(k), v=heads(v), sinks=sinks), params)
     b, t = o.shape[:2]
     o = jnp.moveaxis(o.reshape(b, t, size, -1, o.shape[-1]), 2, 0)
     lse = jnp.moveaxis(lse.reshape(b, size, -1, t), 1, 0)

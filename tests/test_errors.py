@@ -112,12 +112,6 @@ def test_scale_must_be_static():
         jax.jit(lambda q, k, v, s: jax_fa4.attention(q, k, v, scale=s))(q, k, v, 0.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="jax_fa4 bug (minor): api._scalar catches only TypeError/ConcretizationTypeError "
-           "from float(x); a non-numeric string raises float()'s own ValueError "
-           "(\"could not convert string to float: 'big'\"), which does not name the argument.")
 @pytest.mark.parametrize("name", ["scale", "logits_soft_cap"])
 def test_non_numeric_scalar_names_the_argument(name):
     with pytest.raises(ValueError, match=name):

@@ -39,12 +39,6 @@ ATT = jax.jit(jax_fa4.attention, static_argnames=(
     "scale", "is_causal", "local_window_size", "logits_soft_cap", "implementation",
     "return_residual"))
 
-FP16_CPU_BUG = (
-    "jax_fa4 bug: float16 calls that jax.nn.dot_product_attention expresses (no softcap, "
-    "no sinks) fail on CPU with \"ValueError: The precision 'F16_F16_F32' is not supported "
-    "by dot_general on CPU\": the fallback lowers jax.nn.dot_product_attention inside jit "
-    "(the primitive's CPU lowering, even for eager calls), where jax.nn's try/except "
-    "around its F16_F16_F32 einsum cannot catch the lowering-time error.")
 
 
 # ----------------------------------------------------------------------------
@@ -167,10 +161,6 @@ def _sample_cases(n_cases=60, seed=20240601):
 CASES = _sample_cases()
 
 
-def _fp16_jax_nn(c):
-    return c["dtype"] == "float16" and c["softcap"] is None and not c["sinks"]
-
-
 def _case_id(c):
     w = c["window"]
     w = "nowin" if w is None else (f"w{w}" if isinstance(w, int) else f"w{w[0]}_{w[1]}")
@@ -179,12 +169,7 @@ def _case_id(c):
             f"-T{c['t']}S{c['s']}-H{c['head_dim']}-B{c['batch']}")
 
 
-CASE_PARAMS = [
-    pytest.param(c, id=_case_id(c),
-                 marks=[pytest.mark.xfail(reason=FP16_CPU_BUG, strict=True, raises=ValueError)] if _fp16_jax_nn(c)
-                 else [])
-    for c in CASES
-]
+CASE_PARAMS = [pytest.param(c, id=_case_id(c)) for c in CASES]
 
 
 def test_matrix_covers_every_value():
@@ -227,12 +212,9 @@ def test_matrix_matches_float64_reference(case):
         pytest.skip("no query row sees a key")  # never happens for the sampled cases
     assert rel_err(out[rows], ref[rows]) <= OUT_TOL[dtype]
     assert np.isfinite(lse[rows]).all()
-    if dtype == "float32":
-        np.testing.assert_allclose(lse[rows], ref_lse[rows], rtol=1e-5, atol=1e-4)
-    else:
-        # jax.nn's residual is rounded to the input dtype (see the xfail below), so
-        # allow bf16 rounding here.
-        np.testing.assert_allclose(lse[rows], ref_lse[rows], rtol=8e-3, atol=1e-2)
+    # The LSE is float32-accurate whatever the input dtype (the reference sees the same
+    # rounded inputs).
+    np.testing.assert_allclose(lse[rows], ref_lse[rows], rtol=1e-4, atol=1e-3)
 
 
 def test_every_sampled_case_has_rows_to_compare():
@@ -241,14 +223,7 @@ def test_every_sampled_case_has_rows_to_compare():
         assert c["sinks"] or m.any(axis=1).any(), _case_id(c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="jax_fa4 bug: on the jax.nn fallback path (no softcap/sinks) the LSE comes from "
-           "jax.nn's residual, which jax.nn rounds to the key dtype (bf16/fp16) before "
-           "jax_fa4 casts it to float32; the documented float32 LSE is then off by up to "
-           "~|lse|*2**-9 (0.03 for lse~8), unlike the FA4 kernel and the reference path.")
-@pytest.mark.parametrize("dtype", ["bfloat16"])  # float16 hits FP16_CPU_BUG first
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_lse_is_float32_accurate_for_half_inputs(dtype):
     rng = np.random.default_rng(7)
     q, k, v = make_inputs(rng, 2, 128, 128, 4, 2, 64, 64, dtype, q_scale=2.0)
@@ -270,10 +245,9 @@ def test_lse_float32_accurate_on_reference_path(dtype):
     np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=0, atol=1e-3)
 
 
-@pytest.mark.xfail(reason=FP16_CPU_BUG, strict=True, raises=ValueError)
 def test_float16_eager_call_on_cpu():
-    """Minimal repro: an eager float16 call (which jax.nn.dot_product_attention itself
-    runs fine eagerly) raises on CPU."""
+    """An eager float16 call runs on CPU (jax.nn's F16_F16_F32 dot does not lower
+    there inside jit, so jax_fa4 must not take it)."""
     q = jnp.ones((1, 8, 2, 64), jnp.float16)
     out = jax_fa4.attention(q, q, q)
     np.testing.assert_allclose(np.asarray(out, np.float32), 1.0)
@@ -618,21 +592,13 @@ def test_grad_three_d(dtype):
         assert rel_err(a.astype(jnp.float32), b_[0]) <= 2e-2
 
 
-LSE_GRAD_BUG = (
-    "jax_fa4 bug: on the jax.nn path (calls jax.nn expresses that do not take the FA4 "
-    "primitive: float32, bias, mask, implementation='xla'/'cudnn', ...) the returned LSE "
-    "is jax.nn's residual, which jax.nn wraps in lax.stop_gradient: gradients through the "
-    "LSE are silently zero, while the FA4 path (custom_vjp) and the softcap/sinks path "
-    "differentiate it.")
 
 
 @pytest.mark.parametrize("dtype,kw", [
     ("bfloat16", {}),  # FA4 primitive path: custom_vjp through the reference
     ("float32", {"logits_soft_cap": 50.0}),  # reference path
-    pytest.param("float32", {}, marks=pytest.mark.xfail(reason=LSE_GRAD_BUG, strict=True, raises=AssertionError)),
-    pytest.param("bfloat16", {"implementation": "xla"},
-                 marks=pytest.mark.xfail(reason=LSE_GRAD_BUG, strict=True, raises=AssertionError)),
-], ids=["bf16-fa4path", "fp32-softcap", "fp32-jax_nn", "bf16-xla"])
+    ("float32", {}),  # fallback without the primitive: jax_fa4's own attention
+], ids=["bf16-fa4path", "fp32-softcap", "fp32-fallback"])
 def test_grad_through_lse(dtype, kw):
     rng = np.random.default_rng(34)
     q, k, v = make_inputs(rng, 1, 17, 17, 2, 1, 64, 64, dtype)

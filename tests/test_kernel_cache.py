@@ -389,12 +389,6 @@ def test_unwritable_cache_still_works_from_memory(kernel_cache, monkeypatch, tmp
     assert any("cannot write" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="jax_fa4 issue: store_to_disk writes through tempfile.mkstemp, whose files are "
-           "mode 0600 whatever the umask, so a cache precompiled into a shared directory is "
-           "unreadable to other users (load_from_disk then silently treats it as missing).")
 def test_cache_files_honor_the_umask(kernel_cache):
     old = os.umask(0o022)
     try:

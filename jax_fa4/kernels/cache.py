@@ -88,6 +88,9 @@ def store_to_disk(variant: ForwardVariant, obj: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(_encode(variant.key(), obj))
+        umask = os.umask(0)  # mkstemp creates 0600; give the file the usual mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache still works from memory
         logger.warning("jax_fa4: cannot write kernel cache %s: %s", path, e)

@@ -17,10 +17,12 @@ import json
 FA4_VERSION = "4.0.0b36"
 CUTLASS_DSL_VERSION = "4.8.1"
 # Bump when the launcher's argument convention (see forward.py) changes.
-LAUNCHER_ABI = 1
+LAUNCHER_ABI = 2
 
 DTYPES = ("bfloat16", "float16")
 MASKS = ("none", "causal", "local")
+Q_LAYOUTS = ("dense", "packed")
+KV_LAYOUTS = ("dense", "packed", "paged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,10 @@ class ForwardVariant:
     mask: "none", "causal" (bottom-right aligned, as FA4) or "local" (a window whose
     bounds are runtime int32 arguments; `window_left`/`window_right` say which bounds
     exist, a missing one is unbounded).
+    q_layout: "dense" (b, s, h, d) or "packed" (total, h, d) with cu_seqlens_q.
+    kv_layout: "dense", "packed" (with cu_seqlens_k) or "paged" (pages of a cache with
+    a page table); `paged_tma`: pages are loaded by TMA (page size == tile_n), else by
+    cp.async.  has_seqused_q/k: per-sequence used lengths are given.
     """
 
     dtype: str
@@ -65,9 +71,18 @@ class ForwardVariant:
     window_right: bool = False
     softcap: float | None = None
     has_sinks: bool = False
+    q_layout: str = "dense"
+    kv_layout: str = "dense"
+    has_seqused_q: bool = False
+    has_seqused_k: bool = False
+    paged_tma: bool = False
     tile: TileConfig | None = None
 
     def __post_init__(self):
+        if self.q_layout not in Q_LAYOUTS or self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"bad layouts q={self.q_layout!r} kv={self.kv_layout!r}")
+        if self.paged_tma and self.kv_layout != "paged":
+            raise ValueError("paged_tma needs kv_layout='paged'")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.mask not in MASKS:
@@ -134,6 +149,11 @@ class ForwardVariant:
             parts.append(f"softcap {self.softcap:g}")
         if self.has_sinks:
             parts.append("sinks")
+        if self.q_layout != "dense" or self.kv_layout != "dense":
+            parts.append(f"q {self.q_layout}, kv {self.kv_layout}"
+                         + (" (tma)" if self.paged_tma else ""))
+        if self.has_seqused_q or self.has_seqused_k:
+            parts.append("seqused " + "q" * self.has_seqused_q + "k" * self.has_seqused_k)
         t = self.tile
         parts.append(f"tile {t.tile_m}x{t.tile_n}{' rs' if t.mma_pv_is_rs else ''}")
         return ", ".join(parts)

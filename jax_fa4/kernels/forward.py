@@ -1,23 +1,16 @@
 """CuTe DSL launcher around FA4's `FlashAttentionForwardSm90`, and its compilation.
 
 This module imports cutlass and flash_attn: only `compile.py` imports it, and only
-when a kernel object is missing from the cache.
-
-Launcher ABI (LAUNCHER_ABI in config.py; the FFI handler in csrc/ supplies it):
-    stream,
-    q, k, v, [sinks], o, lse          -- device pointers: the custom call's operands,
-                                         then its results
-    b, s_q, h_q, s_k, h_k             -- int32, read from the buffers' dimensions
-    window_left, window_right         -- int32 (ignored unless the variant is local)
-    scale                             -- float32 softmax scale
-with q (b, s_q, h_q, d), k (b, s_k, h_k, d), v (b, s_k, h_k, dv), o (b, s_q, h_q, dv)
-contiguous, lse (b, h_q, s_q) float32, sinks (h_q,) float32.
+when a kernel object is missing from the cache.  The launcher's argument convention
+is described (and computed, without cutlass) in forward_abi.py; the FFI handler in
+csrc/ supplies it.
 """
 from __future__ import annotations
 
 import os
 
 from .config import ForwardVariant
+from .forward_abi import operands, size_dims
 
 # Compile for Hopper even on hosts without a GPU.  Must precede the first cutlass import.
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
@@ -52,69 +45,81 @@ def _fa4_kernel(v: ForwardVariant) -> FlashAttentionForwardSm90:
         intra_wg_overlap=t.intra_wg_overlap,
         mma_pv_is_rs=t.mma_pv_is_rs,
         score_mod=score_mod,
+        paged_kv_non_tma=v.kv_layout == "paged" and not v.paged_tma,
     )
+
+
+def _row_major(ptr, dims, aligned: bool):
+    """A contiguous tensor of shape `dims`; `aligned` asserts that every stride but the
+    minor one is a multiple of 8 elements (16 bytes), as TMA descriptors need (true for
+    q/k/v/o: their minor dim is a head dim, a multiple of 8)."""
+    strides, acc = [], 1
+    for d in reversed(dims):
+        strides.append(acc)
+        acc = acc * d
+        if aligned:
+            acc = cute.assume(acc, divby=8)
+    return cute.make_tensor(ptr, cute.make_layout(tuple(dims), stride=tuple(reversed(strides))))
+
+
+def _tensors(v: ForwardVariant, args):
+    """Plain Python (not staged by the DSL): the launcher's flat arguments -> tensors."""
+    ops = operands(v)
+    n_ops = len(ops)
+    ptrs, o_ptr, lse_ptr = args[:n_ops], args[n_ops], args[n_ops + 1]
+    sizes = args[n_ops + 2 :]
+    t, at = {}, 0
+    for i, (name, rank) in enumerate(ops):
+        dims = list(sizes[at : at + rank])
+        at += rank
+        if name in ("q", "k", "v"):  # head dims are compile-time constants
+            dims[-1] = v.head_dim_v if name == "v" else v.head_dim
+        t[name] = _row_major(ptrs[i], dims, aligned=name in ("q", "k", "v"))
+    q_dims = list(t["q"].shape)
+    t["o"] = _row_major(o_ptr, q_dims[:-1] + [v.head_dim_v], aligned=True)
+    # lse: (b, h, s_q) for dense q, (h, total_q) for packed q.
+    lse_dims = [q_dims[0], q_dims[2], q_dims[1]] if v.q_layout == "dense" else q_dims[1::-1]
+    t["lse"] = _row_major(lse_ptr, lse_dims, aligned=False)
+    return t
 
 
 def _make_launcher(v: ForwardVariant):
     fa = _fa4_kernel(v)
-    D, DV = v.head_dim, v.head_dim_v
     local = v.mask == "local"
 
-    def bshd(ptr, b, s, h, d):
-        # Contiguous (b, s, h, d); the assumptions let TMA descriptors see 16-byte strides.
-        hd = cute.assume(h * d, divby=8)
-        shd = cute.assume(s * hd, divby=8)
-        return cute.make_tensor(ptr, cute.make_layout((b, s, h, d), stride=(shd, hd, d, 1)))
-
-    def body(stream, q, k, v_, sinks, o, lse, b, sq, hq, sk, hk, wl, wr, scale):
-        mQ, mK, mV = bshd(q, b, sq, hq, D), bshd(k, b, sk, hk, D), bshd(v_, b, sk, hk, DV)
-        mO = bshd(o, b, sq, hq, DV)
-        mLSE = cute.make_tensor(lse, cute.make_layout((b, hq, sq), stride=(hq * sq, sq, 1)))
-        mSinks = (
-            cute.make_tensor(sinks, cute.make_layout((hq,), stride=(1,)))
-            if sinks is not None
-            else None
-        )
+    @cute.jit
+    def launch(stream: cuda.CUstream, *args):
+        # args: operand pointers, o, lse, every operand dimension, wl, wr, scale.
+        wl, wr, scale = args[-3], args[-2], args[-1]
+        t = _tensors(v, args[:-3])
         fa(
-            mQ, mK, mV, mO, mLSE, scale,
-            None, None, None, None, None,  # cu_seqlens_q/k, seqused_q/k, page_table
-            wl if (local and v.window_left) else None,
-            wr if (local and v.window_right) else None,
-            mSinks,
+            t["q"], t["k"], t["v"], t["o"], t["lse"], scale,
+            t.get("cu_seqlens_q"), t.get("cu_seqlens_k"), t.get("seqused_q"),
+            t.get("seqused_k"), t.get("page_table"),
+            wl if cutlass.const_expr(local and v.window_left) else None,
+            wr if cutlass.const_expr(local and v.window_right) else None,
+            t.get("sinks"),
             stream=stream,
         )
 
-    if v.has_sinks:
+    return launch
 
-        @cute.jit
-        def launch(stream: cuda.CUstream, q: cute.Pointer, k: cute.Pointer, v_: cute.Pointer,
-                   sinks: cute.Pointer, o: cute.Pointer, lse: cute.Pointer,
-                   b: Int32, sq: Int32, hq: Int32, sk: Int32, hk: Int32,
-                   wl: Int32, wr: Int32, scale: Float32):
-            body(stream, q, k, v_, sinks, o, lse, b, sq, hq, sk, hk, wl, wr, scale)
 
-        return launch, True
-
-    @cute.jit
-    def launch(stream: cuda.CUstream, q: cute.Pointer, k: cute.Pointer, v_: cute.Pointer,
-               o: cute.Pointer, lse: cute.Pointer,
-               b: Int32, sq: Int32, hq: Int32, sk: Int32, hk: Int32,
-               wl: Int32, wr: Int32, scale: Float32):
-        body(stream, q, k, v_, None, o, lse, b, sq, hq, sk, hk, wl, wr, scale)
-
-    return launch, False
+_PTR_ALIGN = {"q": 16, "k": 16, "v": 16}
 
 
 def compile_forward(v: ForwardVariant) -> bytes:
     """Compiles `v` for sm_90a and returns the ELF object holding launcher and cubin."""
-    launch, has_sinks = _make_launcher(v)
+    launch = _make_launcher(v)
     dt = _DTYPES[v.dtype]
     gmem = cute.AddressSpace.gmem
-    ptr = lambda dtype, align: make_ptr(dtype, align, gmem, assumed_align=align)  # noqa: E731
-    ptrs = [ptr(dt, 16), ptr(dt, 16), ptr(dt, 16)]
-    if has_sinks:
-        ptrs.append(ptr(Float32, 4))
-    ptrs += [ptr(dt, 16), ptr(Float32, 4)]
-    ints = [Int32(1)] * 7
-    compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *ints, Float32(1.0))
+    ptrs = []
+    for name, _ in operands(v):
+        dtype = dt if name in ("q", "k", "v") else (Float32 if name == "sinks" else Int32)
+        align = _PTR_ALIGN.get(name, 4)
+        ptrs.append(make_ptr(dtype, align, gmem, assumed_align=align))
+    ptrs += [make_ptr(dt, 16, gmem, assumed_align=16), make_ptr(Float32, 4, gmem, assumed_align=4)]
+    sizes = [Int32(1) for _ in size_dims(v)]
+    compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
+                            Float32(1.0))
     return compiled.dump_to_object(v.symbol)
