@@ -6,6 +6,17 @@ launchers, compile, cache) -> csrc (the XLA FFI handler).
 """
 from .api import attention, explain, is_supported
 from .kernels import MissingKernelError
+from .paged_cache import update_paged_cache
+from .varlen import paged_attention, varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "is_supported", "MissingKernelError", "__version__"]
+__all__ = [
+    "attention",
+    "explain",
+    "is_supported",
+    "paged_attention",
+    "update_paged_cache",
+    "varlen_attention",
+    "MissingKernelError",
+    "__version__",
+]

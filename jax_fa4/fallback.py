@@ -135,13 +135,18 @@ def _gather_rows(x, starts, width: int):
     return x[idx]
 
 
-def _unpack_rows(od, lse_d, cu_q, len_q, total: int):
-    """(B, T, N, Hv), (B, N, T) -> packed (total, N, Hv), (N, total); rows outside every
-    sequence's used length get zeros and lse -inf."""
+def packed_rows(cu_q, len_q, total: int):
+    """For packed rows 0..total-1: (sequence index, position in it, used?)."""
     r = jnp.arange(total)
     b = jnp.clip(jnp.searchsorted(cu_q, r, side="right") - 1, 0, cu_q.shape[0] - 2)
     t = r - cu_q[b]
-    valid = (t >= 0) & (t < len_q[b])
+    return b, t, (t >= 0) & (t < len_q[b])
+
+
+def _unpack_rows(od, lse_d, cu_q, len_q, total: int):
+    """(B, T, N, Hv), (B, N, T) -> packed (total, N, Hv), (N, total); rows outside every
+    sequence's used length get zeros and lse -inf."""
+    b, t, valid = packed_rows(cu_q, len_q, total)
     t = jnp.clip(t, 0, od.shape[1] - 1)
     o = jnp.where(valid[:, None, None], od[b, t], 0).astype(od.dtype)
     lse = jnp.where(valid[None, :], lse_d[b, :, t].T, -jnp.inf)
