@@ -48,10 +48,25 @@ def variants_from_matrix(args) -> list[ForwardVariant]:
     return out
 
 
-def variants_from_calls(path: str) -> list[ForwardVariant]:
+def _spec(x):
+    """(shape, dtype) -> ShapeDtypeStruct; anything else unchanged."""
     import jax
     import numpy as np
 
+    if (isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], (tuple, list))
+            and isinstance(x[1], str)):
+        return jax.ShapeDtypeStruct(tuple(x[0]), np.dtype(x[1]))
+    return x
+
+
+def variants_from_calls(path: str) -> list[ForwardVariant]:
+    """Variants for the calls listed in `path`'s CALLS: dicts of a function's arguments,
+    arrays given as (shape, dtype); 'fn' names the function ('attention' by default,
+    'varlen_attention', 'paged_attention'); `sinks=True` stands for float32 sinks."""
+    import jax
+    import numpy as np
+
+    from . import varlen
     from .api import kernel_plan
     from .dispatch import Unsupported
 
@@ -60,13 +75,14 @@ def variants_from_calls(path: str) -> list[ForwardVariant]:
     spec.loader.exec_module(mod)
     out = []
     for call in mod.CALLS:
-        call = dict(call)
-        arrays = {n: jax.ShapeDtypeStruct(tuple(call.pop(n)[0]), np.dtype(s[1]))
-                  for n, s in [(n, call[n]) for n in ("query", "key", "value")]}
-        if call.get("sinks") is not None:
-            call["sinks"] = jax.ShapeDtypeStruct((arrays["query"].shape[-2],), np.float32)
+        call = {k: _spec(x) for k, x in call.items()}
+        fn = call.pop("fn", "attention")
+        if call.get("sinks") is True:
+            heads = (call.get("query") or call.get("q")).shape[-2]
+            call["sinks"] = jax.ShapeDtypeStruct((heads,), np.float32)
         try:
-            out.append(kernel_plan(**arrays, **call).variant)
+            plan = kernel_plan(**call) if fn == "attention" else varlen.kernel_plan(fn, **call)
+            out.append(plan.variant)
         except Unsupported as e:
             print(f"  (falls back, nothing to build: {e})", file=sys.stderr)
     return out

@@ -88,12 +88,13 @@ def _common(q, k, v, scale, logits_soft_cap, sinks, implementation, is_causal,
         if sinks.shape != (n,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
             raise ValueError(f"sinks must be a float array of shape ({n},), got "
                              f"{sinks.dtype}{list(sinks.shape)}")
-        sinks = sinks.astype(jnp.float32)
+        if not isinstance(sinks, jax.ShapeDtypeStruct):
+            sinks = sinks.astype(jnp.float32)  # the kernel reads float32 sinks
     return scale, softcap, sinks, _fa_window(is_causal, local_window_size)
 
 
-def _run(kind, call: VarlenCall, args: dict, implementation, scale, window, softcap,
-         max_seqlen_q=None, max_seqlen_k=None):
+def _run(kind, call: VarlenCall, args: dict, scale, window, softcap, max_seqlen_q,
+         max_seqlen_k, implementation):
     """(out, lse as the kernel lays it out) by the kernel or the fallback."""
     try:
         plan = plan_varlen(call)
@@ -137,6 +138,17 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
     return_residual, lse float32 (total_q, N).  implementation: None, 'fa4' or 'xla'
     (jax_fa4's pure-JAX path).
     """
+    setup = _varlen_setup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          seqused_q, seqused_k, scale, is_causal, local_window_size,
+                          logits_soft_cap, sinks, implementation)
+    o, lse = _run("varlen", *setup, implementation)
+    return (o, lse.T) if return_residual else o
+
+
+def _varlen_setup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
+                  seqused_k, scale, is_causal, local_window_size, logits_soft_cap, sinks,
+                  implementation):
+    """Validates a varlen call -> (VarlenCall, operands, scale, window, softcap, max_q, max_k)."""
     q, k, v = (_as_array(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError("q, k and v must be packed (total, heads, head_dim); got "
@@ -164,8 +176,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
         head_dim_v=v.shape[2], kv_rows=k.shape[0], window=window, softcap=softcap,
         has_sinks=sinks is not None, has_seqused_q=seqused_q is not None,
         has_seqused_k=seqused_k is not None)
-    o, lse = _run("varlen", call, args, implementation, scale, window, softcap, max_q, max_k)
-    return (o, lse.T) if return_residual else o
+    return call, args, scale, window, softcap, max_q, max_k
 
 
 def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=None,
@@ -187,6 +198,24 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
     Returns out like q with Hv, and with return_residual lse float32 (B, Tq, N) or
     (total_q, N).
     """
+    if not isinstance(check_page_indices, bool):
+        raise ValueError(f"check_page_indices must be a bool, got {check_page_indices!r}")
+    call, args, *rest = _paged_setup(q, k_cache, v_cache, page_table, seqused_k, cu_seqlens_q,
+                                     max_seqlen_q, scale, is_causal, local_window_size,
+                                     logits_soft_cap, sinks, implementation)
+    if check_page_indices:
+        args["page_table"] = _checked_page_table(
+            args["page_table"], args["seqused_k"], num_pages=args["k"].shape[0],
+            page_size=args["k"].shape[1])
+    o, lse = _run("paged", call, args, *rest, implementation)
+    if not return_residual:
+        return o
+    return o, (lse.T if call.q_layout == "packed" else jnp.swapaxes(lse, 1, 2))
+
+
+def _paged_setup(q, k_cache, v_cache, page_table, seqused_k, cu_seqlens_q, max_seqlen_q, scale,
+                 is_causal, local_window_size, logits_soft_cap, sinks, implementation):
+    """Validates a paged call -> (VarlenCall, operands, scale, window, softcap, max_q, None)."""
     q, kc, vc = (_as_array(x, n) for x, n in ((q, "q"), (k_cache, "k_cache"),
                                               (v_cache, "v_cache")))
     if kc.ndim != 4 or vc.ndim != 4:
@@ -217,10 +246,6 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
                              f"got {q.shape}")
         cu_q = _int_array(cu_seqlens_q, "cu_seqlens_q", (b + 1,))
         max_q = _static_len(max_seqlen_q, "max_seqlen_q")
-    if not isinstance(check_page_indices, bool):
-        raise ValueError(f"check_page_indices must be a bool, got {check_page_indices!r}")
-    if check_page_indices:
-        pt = _checked_page_table(pt, seqused_k, num_pages=kc.shape[0], page_size=kc.shape[1])
     args = dict(q=q, k=kc, v=vc, cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=pt,
                 sinks=sinks)
     args = {n: x for n, x in args.items() if x is not None}
@@ -230,10 +255,24 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
         heads_k=kc.shape[2], head_dim=q.shape[-1], head_dim_v=vc.shape[3],
         kv_rows=kc.shape[0] * kc.shape[1], window=window, softcap=softcap,
         has_sinks=sinks is not None, has_seqused_k=True, page_size=kc.shape[1])
-    o, lse = _run("paged", call, args, implementation, scale, window, softcap, max_q)
-    if not return_residual:
-        return o
-    return o, (lse.T if cu_q is not None else jnp.swapaxes(lse, 1, 2))
+    return call, args, scale, window, softcap, max_q, None
+
+
+def kernel_plan(fn: str, **kwargs):
+    """The kernel plan `varlen_attention` / `paged_attention` (fn) would use with these
+    arguments (arrays or ShapeDtypeStructs) on an SM90 GPU; raises dispatch.Unsupported
+    if it would fall back.  Needs no GPU and no compiler (used by precompile)."""
+    kw = dict(scale=None, is_causal=False, local_window_size=None, logits_soft_cap=None,
+              sinks=None, implementation=None)
+    if fn == "varlen_attention":
+        kw.update(seqused_q=None, seqused_k=None)
+        kw.update(kwargs)
+        return plan_varlen(_varlen_setup(**kw)[0])
+    if fn == "paged_attention":
+        kw.update(cu_seqlens_q=None, max_seqlen_q=None)
+        kw.update(kwargs)
+        return plan_varlen(_paged_setup(**kw)[0])
+    raise ValueError(f"fn must be 'varlen_attention' or 'paged_attention', got {fn!r}")
 
 
 def _checked_page_table(page_table, seqused_k, *, num_pages, page_size):

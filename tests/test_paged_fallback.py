@@ -1,0 +1,126 @@
+"""varlen_attention / paged_attention / update_paged_cache on CPU (the pure-JAX
+fallbacks) vs the float64 reference of the GPU tests, on a sample of the GPU matrix;
+plus their argument errors and cross-lowering to the custom call."""
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_fa4
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import requires_compiler  # noqa: E402
+from gpu_cases_paged import CALLS, paged_case, varlen_case  # noqa: E402
+from test_gpu_paged import _case_id, run_case  # noqa: E402
+
+SAMPLE = CALLS[::6] + [c for c in CALLS if c.get("sinks")]
+
+
+@pytest.mark.parametrize("case", SAMPLE, ids=[_case_id(c) for c in SAMPLE])
+def test_fallback_matches_reference(case):
+    run_case(case, None)
+
+
+def _spec(case):
+    return {k: (jax.ShapeDtypeStruct(v[0], np.dtype(v[1])) if isinstance(v, tuple) else v)
+            for k, v in case.items() if k != "fn"}
+
+
+def _lower_cuda(fn, case):
+    kw = _spec(case)
+    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.ShapeDtypeStruct)}
+    static = {k: v for k, v in kw.items() if k not in arrays}
+    f = jax.jit(lambda a: fn(**a, **static))
+    return f.trace(arrays).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@requires_compiler
+@pytest.mark.compile
+def test_varlen_lowers_to_custom_call_with_cu_seqlens():
+    case = varlen_case("bfloat16", 128, 1, 8, "causal", seqused=True)
+    text = _lower_cuda(jax_fa4.varlen_attention, case)
+    calls = [l for l in text.splitlines() if "@jax_fa4_cute_call" in l]
+    assert len(calls) == 1
+    sig = re.search(r":\s*\(([^()]*)\)\s*->\s*\(([^()]*)\)\s*$", calls[0])
+    assert sig.group(1).split(", ") == [
+        "tensor<1200x8x128xbf16>", "tensor<1600x1x128xbf16>", "tensor<1600x1x128xbf16>",
+        "tensor<7xi32>", "tensor<7xi32>", "tensor<6xi32>"]
+    assert sig.group(2).split(", ") == ["tensor<1200x8x128xbf16>", "tensor<8x1200xf32>"]
+
+
+@requires_compiler
+@pytest.mark.compile
+def test_paged_lowers_to_custom_call_with_page_table():
+    case = paged_case("bfloat16", 128, 2, 8, "causal", 64, 1)
+    text = _lower_cuda(jax_fa4.paged_attention, case)
+    calls = [l for l in text.splitlines() if "@jax_fa4_cute_call" in l]
+    assert len(calls) == 1
+    sig = re.search(r":\s*\(([^()]*)\)\s*->\s*\(([^()]*)\)\s*$", calls[0])
+    # q, k_cache, v_cache, seqused_k, page_table (kernel ABI order)
+    assert sig.group(1).split(", ") == [
+        "tensor<3x1x16x128xbf16>", "tensor<61x64x2x128xbf16>", "tensor<61x64x2x128xbf16>",
+        "tensor<3xi32>", "tensor<3x18xi32>"]
+
+
+def _paged_inputs():
+    q = jnp.zeros((2, 1, 8, 64), jnp.bfloat16) + 1
+    kc = jnp.ones((10, 16, 2, 64), jnp.bfloat16)
+    return q, kc, kc, jnp.zeros((2, 4), jnp.int32), jnp.array([5, 9], jnp.int32)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(page_table=jnp.zeros((2, 4), jnp.int64 if jax.config.jax_enable_x64 else jnp.float32)),
+     "page_table"),
+    (dict(page_table=jnp.zeros((8,), jnp.int32)), "page_table"),
+    (dict(v_cache=jnp.ones((10, 32, 2, 64), jnp.bfloat16)), "page size"),
+    (dict(v_cache=jnp.ones((10, 16, 1, 64), jnp.bfloat16)), "kv heads"),
+    (dict(q=jnp.ones((2, 1, 8, 32), jnp.bfloat16)), "head_dim"),
+    (dict(seqused_k=jnp.array([5, 9], jnp.float32)), "seqused_k"),
+    (dict(seqused_k=jnp.array([5, 9, 1], jnp.int32)), "seqused_k"),
+])
+def test_paged_errors(change, match):
+    names = ("q", "k_cache", "v_cache", "page_table", "seqused_k")
+    args = dict(zip(names, _paged_inputs()))
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        jax_fa4.paged_attention(**args)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(cu_seqlens_q=jnp.array([0, 3, 5], jnp.float32)), "cu_seqlens_q"),
+    (dict(cu_seqlens_k=jnp.array([0, 3], jnp.int32)), "cu_seqlens_k"),
+    (dict(max_seqlen_q=0), "max_seqlen_q"),
+    (dict(seqused_k=jnp.array([1], jnp.int32)), "seqused_k"),
+])
+def test_varlen_errors(change, match):
+    q = jnp.ones((5, 4, 64), jnp.bfloat16)
+    args = dict(q=q, k=q[:, :2], v=q[:, :2], cu_seqlens_q=jnp.array([0, 3, 5], jnp.int32),
+                cu_seqlens_k=jnp.array([0, 2, 5], jnp.int32), max_seqlen_q=3, max_seqlen_k=3)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        jax_fa4.varlen_attention(**args)
+
+
+def test_checked_page_indices_raise():
+    q, kc, vc, pt, used = _paged_inputs()
+    pt = pt.at[1, 0].set(10)  # one past the last page, used by sequence 1
+    with pytest.raises(Exception, match=r"page_table\[1\]"):
+        jax_fa4.paged_attention(q, kc, vc, pt, used, check_page_indices=True).block_until_ready()
+
+
+def test_update_paged_cache_writes_and_drops():
+    kc = jnp.zeros((6, 4, 1, 8), jnp.float32)
+    pt = jnp.array([[2, 5], [0, 1]], jnp.int32)
+    new = jnp.arange(2 * 3 * 8, dtype=jnp.float32).reshape(2, 3, 1, 8) + 1
+    pos = jnp.array([[3, 4, -1], [0, 7, 8]], jnp.int32)  # -1 and 8 (past 2 pages) dropped
+    k2, _ = jax.jit(jax_fa4.update_paged_cache, donate_argnums=(0, 1))(kc, kc + 0, new, new, pt, pos)
+    k2 = np.asarray(k2)
+    np.testing.assert_array_equal(k2[2, 3, 0], np.asarray(new[0, 0, 0]))
+    np.testing.assert_array_equal(k2[5, 0, 0], np.asarray(new[0, 1, 0]))
+    np.testing.assert_array_equal(k2[0, 0, 0], np.asarray(new[1, 0, 0]))
+    np.testing.assert_array_equal(k2[1, 3, 0], np.asarray(new[1, 1, 0]))
+    assert np.count_nonzero(k2.any(-1)) == 4  # nothing else written
