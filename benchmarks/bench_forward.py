@@ -30,7 +30,7 @@ import jax_fa4  # noqa: E402
 from jax_fa4.api import kernel_plan  # noqa: E402
 from jax_fa4.ffi_target import runtime_library_path  # noqa: E402
 from jax_fa4.kernels import get_object  # noqa: E402
-from jax_fa4.kernels.forward_abi import SIZE_DIMS  # noqa: E402
+from jax_fa4.kernels.forward_abi import size_dims  # noqa: E402
 
 
 def flops(b, h, sq, sk, d, causal):
@@ -79,7 +79,7 @@ class DirectLauncher:
         fn = self.function(plan.variant)
         stream = ctypes.c_void_p(0)  # legacy default stream; JAX work is finished first
         ptrs = [ctypes.c_void_p(b.unsafe_buffer_pointer()) for b in buffers]
-        sizes = [ctypes.c_int32(buffers[i].shape[a]) for i, a in SIZE_DIMS]
+        sizes = [ctypes.c_int32(buffers[i].shape[a]) for i, a in size_dims(plan.variant)]
         scalars = [ctypes.c_int32(plan.window_left), ctypes.c_int32(plan.window_right),
                    ctypes.c_float(scale)]
         ret = ctypes.c_int32(0)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On the GPU host (docs/DEVICE.md): build the extension, run the GPU tests and/or the
-# benchmark with precompiled kernels from .device/kernels; logs go to $OUT.
-#   tests/gpu_run.sh tests|bench|all
+# On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
+# (comma-separated: tests, bench, paged, sweep; default tests,bench) with precompiled
+# kernels from .device/kernels.  Logs and JSON go to $OUT.
 set -u
-what=${1:-all}
+what=",${1:-tests,bench},"
 OUT=${OUT:-/tmp/jax_fa4_out}
 mkdir -p "$OUT"
 RT=$(python3 .device/unpack-runtime.py) || exit 1
@@ -14,13 +14,27 @@ fi
 export JAX_FA4_CUTE_RUNTIME=$RT JAX_FA4_CACHE_DIR=$PWD/.device/kernels JAX_FA4_COMPILE=never
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
+quiet() { grep --line-buffered -vE "^(WARNING|I0000|E0000|W0000)"; }
+if [[ $what == *,tests,* ]]; then
   # No GEMM autotuning for the tests: it costs seconds per new reference shape.
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-  timeout ${TEST_TIMEOUT:-3000} python3 -u -m pytest -m gpu -q -rs --durations=15 ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed"; rc=${PIPESTATUS[0]}
+  timeout ${TEST_TIMEOUT:-3000} python3 -u -m pytest -m gpu -q -rs --durations=10 ${PYTEST_ARGS:-} tests 2>&1 \
+    | tee "$OUT/gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} \
-    2>&1 | tee "$OUT/bench.log" | grep -vE "^(WARNING|I0000|E0000)"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+if [[ $what == *,sweep,* ]]; then
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_forward.py --tile-sweep \
+    --out "$OUT/tile_sweep.json" 2>&1 | tee "$OUT/tile_sweep.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,bench,* ]]; then
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_forward.py --out "$OUT/forward.json" \
+    ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,paged,* ]]; then
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_paged.py --out "$OUT/paged.json" \
+    2>&1 | tee "$OUT/paged.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc
