@@ -17,7 +17,7 @@ import json
 FA4_VERSION = "4.0.0b36"
 CUTLASS_DSL_VERSION = "4.8.1"
 # Bump when the launcher's argument convention (see forward.py) changes.
-LAUNCHER_ABI = 2
+LAUNCHER_ABI = 3  # 3: 64-bit strides inside the launcher
 
 DTYPES = ("bfloat16", "float16")
 MASKS = ("none", "causal", "local")

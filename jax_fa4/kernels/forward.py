@@ -18,7 +18,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 import cuda.bindings.driver as cuda  # noqa: E402
 import cutlass  # noqa: E402
 import cutlass.cute as cute  # noqa: E402
-from cutlass import Float32, Int32  # noqa: E402
+from cutlass import Float32, Int32, Int64  # noqa: E402
 from cutlass.cute.runtime import make_ptr  # noqa: E402
 from flash_attn.cute import utils as fa_utils  # noqa: E402
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90  # noqa: E402
@@ -50,14 +50,16 @@ def _fa4_kernel(v: ForwardVariant) -> FlashAttentionForwardSm90:
 
 
 def _row_major(ptr, dims, aligned: bool):
-    """A contiguous tensor of shape `dims`; `aligned` asserts that every stride but the
+    """A contiguous tensor of shape `dims` with 64-bit strides (as FA4's own tensors
+    from DLPack have: its varlen TMA views offset pointers by 2**30-odd rows, which
+    overflows 32-bit stride arithmetic).  `aligned` asserts that every stride but the
     minor one is a multiple of 8 elements (16 bytes), as TMA descriptors need (true for
     q/k/v/o: their minor dim is a head dim, a multiple of 8)."""
     strides, acc = [], 1
     for d in reversed(dims):
         strides.append(acc)
-        acc = acc * d
-        if aligned:
+        acc = acc * (Int64(d) if not isinstance(d, int) else d)
+        if aligned and not isinstance(acc, int):
             acc = cute.assume(acc, divby=8)
     return cute.make_tensor(ptr, cute.make_layout(tuple(dims), stride=tuple(reversed(strides))))
 
