@@ -24,6 +24,9 @@ import numpy as np
 
 import jax_fa4
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_forward import time_jax  # noqa: E402
+
 HEADS, KV_HEADS, HDIM = 32, 4, 128
 PREFILL = [(4, 4096), (2, 8192), (1, 16384)]
 DECODE = [(b, s) for b in (1, 8, 64) for s in (1024, 8192, 32768)]
@@ -43,17 +46,6 @@ CALLS = [_paged_call(b, s, s, ps) for b, s in PREFILL for ps in PAGE_SIZES] + [
     _paged_call(b, 1, s, ps) for b, s in DECODE for ps in PAGE_SIZES] + [
     dict(query=((b, s, HEADS, HDIM), "bfloat16"), key=((b, s, KV_HEADS, HDIM), "bfloat16"),
          value=((b, s, KV_HEADS, HDIM), "bfloat16"), is_causal=True) for b, s in PREFILL]
-
-
-def time_fn(fn, args, reps, warmup=3):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(reps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
 
 
 def paged_inputs(b, tokens, ps, seed=0):
@@ -92,10 +84,10 @@ def main():
             if "dense" not in row["tflops"]:
                 f = jax.jit(functools.partial(jax_fa4.attention, is_causal=True,
                                               implementation="fa4"))
-                row["tflops"]["dense"] = fl / time_fn(f, (q, k, v), args.reps) / 1e12
+                row["tflops"]["dense"] = fl / time_jax(f, (q, k, v), args.reps) / 1e12
             f = jax.jit(functools.partial(jax_fa4.paged_attention, is_causal=True,
                                           implementation="fa4"))
-            row["tflops"][f"paged{ps}"] = fl / time_fn(f, (q, kc, vc, table, used), args.reps) / 1e12
+            row["tflops"][f"paged{ps}"] = fl / time_jax(f, (q, kc, vc, table, used), args.reps) / 1e12
             del k, v, kc, vc
         res["prefill"].append(row)
         print("prefill", row, flush=True)
@@ -112,7 +104,7 @@ def main():
                 f = jax.jit(functools.partial(jax_fa4.paged_attention, is_causal=True,
                                               implementation=impl))
                 try:
-                    t = time_fn(f, (q, kc, vc, table, used), args.reps)
+                    t = time_jax(f, (q, kc, vc, table, used), args.reps)
                     key = f"{name}_page{ps}"
                     row["tb_s"][key] = nbytes / t / 1e12
                     row["us"][key] = t * 1e6

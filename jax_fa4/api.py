@@ -22,7 +22,8 @@ def _as_array(x, name):
 
 
 def _window(is_causal, local_window_size):
-    """Normalizes is_causal and local_window_size to (left, right), None = unbounded."""
+    """Normalizes is_causal and local_window_size to (left, right), None = unbounded
+    (the alignment, top-left or bottom-right, is the caller's convention)."""
     if local_window_size is None:
         left = right = None
     else:
@@ -87,14 +88,18 @@ def _validate(query, key, value, bias, mask, scale, is_causal, local_window_size
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     softcap = _scalar(logits_soft_cap, "logits_soft_cap", positive=True)
-    if sinks is not None:
-        sinks = _as_array(sinks, "sinks")
-        if sinks.shape != (n,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
-            raise ValueError(f"sinks must be a float array of shape (num_query_heads,) = ({n},), "
-                             f"got {sinks.dtype}{list(sinks.shape)}")
-        if isinstance(sinks, jax.Array) or not isinstance(sinks, jax.ShapeDtypeStruct):
-            sinks = sinks.astype(jnp.float32)  # the kernel reads float32 sinks
-    return q, k, v, sinks, scale, softcap, _window(is_causal, local_window_size)
+    return q, k, v, _sinks(sinks, n), scale, softcap, _window(is_causal, local_window_size)
+
+
+def _sinks(sinks, n):
+    """Validated sinks of shape (n,), as float32 (what the kernel reads)."""
+    if sinks is None:
+        return None
+    sinks = _as_array(sinks, "sinks")
+    if sinks.shape != (n,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(f"sinks must be a float array of shape (num_query_heads,) = ({n},), "
+                         f"got {sinks.dtype}{list(sinks.shape)}")
+    return sinks if isinstance(sinks, jax.ShapeDtypeStruct) else sinks.astype(jnp.float32)
 
 
 def _describe(q, k, v, window, softcap, sinks, bias, mask) -> DenseCall:

@@ -106,21 +106,27 @@ def plan_dense(c: DenseCall) -> KernelPlan:
                 f"with seq_q={c.seq_q} and seq_k={c.seq_k} the {name} window bound is "
                 f"{w} in FA4's bottom-right-aligned convention; the kernel needs >= 0"
             )
-    mask, wl, wr = _fa_mask(fa_left, fa_right)
-    # Window bounds beyond the sequences change nothing but could overflow int32.
-    wl, wr = min(wl, c.seq_k + c.seq_q), min(wr, c.seq_k + c.seq_q)
+    return _kernel_plan(c, (fa_left, fa_right), cap=c.seq_k + c.seq_q)
+
+
+def _kernel_plan(c, window, *, cap: int, **layout) -> KernelPlan:
+    """The plan for call `c` (a DenseCall or VarlenCall) with `window` in FA's
+    bottom-right convention; bounds are clipped to `cap` (larger ones change nothing
+    but could overflow the kernel's int32 position arithmetic)."""
+    mask, wl, wr = _fa_mask(*window)
     variant = ForwardVariant(
         dtype=c.dtype,
         head_dim=c.head_dim,
         head_dim_v=c.head_dim_v,
         qhead_per_kvhead=c.heads_q // c.heads_k,
         mask=mask,
-        window_left=mask == "local" and fa_left is not None,
-        window_right=mask == "local" and fa_right is not None,
+        window_left=mask == "local" and window[0] is not None,
+        window_right=mask == "local" and window[1] is not None,
         softcap=c.softcap,
         has_sinks=c.has_sinks,
+        **layout,
     )
-    return KernelPlan(variant, wl, wr)
+    return KernelPlan(variant, min(wl, cap), min(wr, cap))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +164,7 @@ def plan_varlen(c: VarlenCall) -> KernelPlan:
         raise Unsupported("an empty dimension (no sequences, query rows or key rows)")
     hd = max(c.head_dim, c.head_dim_v)
     _check_int32(query=c.total_q * c.heads_q * hd, key_value=c.kv_rows * c.heads_k * hd)
-    mask, wl, wr = _fa_mask(*c.window)
-    wl, wr = min(wl, _WINDOW_CAP), min(wr, _WINDOW_CAP)
+    mask = _fa_mask(*c.window)[0]
     tile = sm90_forward_tile(c.head_dim, c.head_dim_v, mask == "causal", mask == "local")
     paged_tma = False
     if c.kv_layout == "paged":
@@ -173,24 +178,9 @@ def plan_varlen(c: VarlenCall) -> KernelPlan:
         elif c.head_dim % 16 or c.head_dim_v % 16:
             raise Unsupported("paged KV with page_size != tile_n uses FA4's cp.async path, "
                               "which needs head dims that are multiples of 16")
-    variant = ForwardVariant(
-        dtype=c.dtype,
-        head_dim=c.head_dim,
-        head_dim_v=c.head_dim_v,
-        qhead_per_kvhead=c.heads_q // c.heads_k,
-        mask=mask,
-        window_left=mask == "local" and c.window[0] is not None,
-        window_right=mask == "local" and c.window[1] is not None,
-        softcap=c.softcap,
-        has_sinks=c.has_sinks,
-        q_layout=c.q_layout,
-        kv_layout=c.kv_layout,
-        has_seqused_q=c.has_seqused_q,
-        has_seqused_k=c.has_seqused_k,
-        paged_tma=paged_tma,
-        tile=tile,
-    )
-    return KernelPlan(variant, wl, wr)
+    return _kernel_plan(c, c.window, cap=_WINDOW_CAP, q_layout=c.q_layout,
+                        kv_layout=c.kv_layout, has_seqused_q=c.has_seqused_q,
+                        has_seqused_k=c.has_seqused_k, paged_tma=paged_tma, tile=tile)
 
 
 def device_reason() -> str | None:

@@ -16,32 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import fallback
-from .api import _as_array, _scalar
+from .api import _as_array, _scalar, _sinks, _window
 from .autodiff import fa4_call
 from .dispatch import Unsupported, VarlenCall, plan_varlen
 from .primitive import FwdParams
 
 _IMPLEMENTATIONS = (None, "fa4", "xla")
-
-
-def _fa_window(is_causal, local_window_size):
-    """(left, right) in FA's bottom-right convention, None = unbounded."""
-    if local_window_size is None:
-        left = right = None
-    else:
-        pair = ((local_window_size, local_window_size)
-                if isinstance(local_window_size, (int, np.integer)) else tuple(local_window_size))
-        if len(pair) != 2 or any(not isinstance(w, (int, np.integer)) or isinstance(w, bool)
-                                 for w in pair):
-            raise ValueError("local_window_size must be an int or a (left, right) pair of ints, "
-                             f"got {local_window_size!r}")
-        if min(pair) < -1:
-            raise ValueError("local_window_size entries must be >= -1 (-1 means unbounded), "
-                             f"got {local_window_size!r}")
-        left, right = (None if w == -1 else int(w) for w in pair)
-    if is_causal:
-        right = 0 if right is None else min(right, 0)
-    return left, right
 
 
 def _int_array(x, name, shape, *, optional=False):
@@ -83,14 +63,8 @@ def _common(q, k, v, scale, logits_soft_cap, sinks, implementation, is_causal,
     scale = _scalar(scale, "scale")
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else scale
     softcap = _scalar(logits_soft_cap, "logits_soft_cap", positive=True)
-    if sinks is not None:
-        sinks = _as_array(sinks, "sinks")
-        if sinks.shape != (n,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
-            raise ValueError(f"sinks must be a float array of shape ({n},), got "
-                             f"{sinks.dtype}{list(sinks.shape)}")
-        if not isinstance(sinks, jax.ShapeDtypeStruct):
-            sinks = sinks.astype(jnp.float32)  # the kernel reads float32 sinks
-    return scale, softcap, sinks, _fa_window(is_causal, local_window_size)
+    # Same parsing as attention's; here (left, right) are FA's bottom-right bounds.
+    return scale, softcap, _sinks(sinks, n), _window(is_causal, local_window_size)
 
 
 def _run(kind, call: VarlenCall, args: dict, scale, window, softcap, max_seqlen_q,

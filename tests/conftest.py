@@ -84,3 +84,14 @@ def kernel_cache(tmp_path, monkeypatch):
     cache.clear_memory_cache()
     yield path
     cache.clear_memory_cache()
+
+
+@pytest.fixture(scope="module")
+def poisoned_outputs():
+    """GPU tests: the FFI handler fills every kernel output with NaN bytes before each
+    launch, so an element the kernel did not write shows up as NaN."""
+    from jax_fa4 import ffi_target
+
+    ffi_target.set_poison_outputs(True)
+    yield
+    ffi_target.set_poison_outputs(False)

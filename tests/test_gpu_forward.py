@@ -32,14 +32,10 @@ def _has_sm90() -> bool:
 
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _has_sm90(), reason="needs an SM90 (Hopper) GPU")]
+              pytest.mark.skipif(not _has_sm90(), reason="needs an SM90 (Hopper) GPU"),
+              pytest.mark.usefixtures("poisoned_outputs")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def poison_outputs():
-    ffi_target.set_poison_outputs(True)
-    yield
-    ffi_target.set_poison_outputs(False)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "window", "softcap"))

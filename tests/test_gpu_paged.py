@@ -16,21 +16,16 @@ import numpy as np
 import pytest
 
 import jax_fa4
-from jax_fa4 import ffi_target
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_cases_paged import CALLS, PAGED_MAX_TOKENS  # noqa: E402
-from test_gpu_forward import _has_sm90, _relerr  # noqa: E402
+from test_gpu_forward import _has_sm90, _relerr, _window  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _has_sm90(), reason="needs an SM90 (Hopper) GPU")]
+              pytest.mark.skipif(not _has_sm90(), reason="needs an SM90 (Hopper) GPU"),
+              pytest.mark.usefixtures("poisoned_outputs")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def poison_outputs():
-    ffi_target.set_poison_outputs(True)
-    yield
-    ffi_target.set_poison_outputs(False)
 
 
 def ref_sequence(q, k, v, sinks, scale, window, softcap):
@@ -63,14 +58,6 @@ def ref_sequence(q, k, v, sinks, scale, window, softcap):
 
 def _f64(x):
     return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
-
-
-def _window(kw):
-    w = kw.get("local_window_size")
-    left, right = (None, None) if w is None else w
-    if kw.get("is_causal"):
-        right = 0 if right is None else min(right, 0)
-    return left, right
 
 
 def _kwargs(case):
