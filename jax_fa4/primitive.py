@@ -142,16 +142,23 @@ mlir.register_lowering(fa4_fwd_p, _lower_default)
 mlir.register_lowering(fa4_fwd_p, _lower_cuda, platform="cuda")
 
 
-def _batch(args, dims, *, params: FwdParams):
-    """vmap of dense attention: fold the mapped axis into batch, or into heads when
-    sinks are mapped (sinks are per head).  Either way it is one kernel launch."""
-    if params.kind != "dense":
-        raise NotImplementedError("jax_fa4: vmap of varlen/paged attention is not supported "
-                                  "yet; pack the mapped axis into the batch instead")
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+def _front(x, d, size):
+    """The mapped axis first; an unmapped operand is broadcast."""
+    return jnp.broadcast_to(x, (size,) + x.shape) if d is None else jnp.moveaxis(x, d, 0)
 
-    def front(x, d):  # mapped axis first; unmapped operands are broadcast
-        return jnp.broadcast_to(x, (size,) + x.shape) if d is None else jnp.moveaxis(x, d, 0)
+
+def _batch(args, dims, *, params: FwdParams):
+    """vmap rule: one kernel launch for the whole mapped batch."""
+    if params.kind != "dense":
+        return _batch_varlen(args, dims, params)
+    return _batch_dense(args, dims, params)
+
+
+def _batch_dense(args, dims, params: FwdParams):
+    """Dense: fold the mapped axis into batch, or into heads when sinks are mapped
+    (sinks are per head)."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    front = functools.partial(_front, size=size)
 
     q, k, v = (front(a, d) for a, d in zip(args[:3], dims[:3]))
     sinks = args[3] if len(args) > 3 else None
@@ -167,6 +174,66 @@ def _batch(args, dims, *, params: FwdParams):
     b, t = o.shape[:2]
     o = jnp.moveaxis(o.reshape(b, t, size, -1, o.shape[-1]), 2, 0)
     lse = jnp.moveaxis(lse.reshape(b, size, -1, t), 1, 0)
+    return (o, lse), (0, 0)
+
+
+def _merge_cu(cu, used, total):
+    """(V, B+1) cu_seqlens over V packed blocks of `total` rows -> cu_seqlens (V*B+1,) of
+    the concatenated rows and the matching seqused (V*B,): each sequence keeps its rows
+    and used length; the padding rows of a block belong to no sequence."""
+    v, b1 = cu.shape
+    starts = (cu[:, :-1] + total * jnp.arange(v, dtype=cu.dtype)[:, None]).reshape(-1)
+    return jnp.concatenate([starts, jnp.full((1,), v * total, cu.dtype)]), used.reshape(-1)
+
+
+def _batch_varlen(args, dims, params: FwdParams):
+    """varlen / paged: the mapped axis becomes more sequences.  Packed rows are
+    concatenated (cu_seqlens shifted, lengths passed as seqused); dense q, page tables
+    and lengths fold into batch; mapped caches are concatenated into one pool with
+    the page tables shifted accordingly."""
+    v = params.plan.variant
+    names = [n for n, _ in operands(v)]
+    if "sinks" in names and dims[names.index("sinks")] is not None:
+        raise NotImplementedError("jax_fa4: vmap over sinks of varlen/paged attention")
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    a = {n: _front(x, d, size) for n, x, d in zip(names, args, dims) if n != "sinks"}
+    out = {"sinks": args[names.index("sinks")]} if "sinks" in names else {}
+    fold = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+    new_v = {}
+    if v.q_layout == "packed":
+        total = a["q"].shape[1]
+        cu = a["cu_seqlens_q"]
+        used = a.get("seqused_q", cu[:, 1:] - cu[:, :-1])
+        out["cu_seqlens_q"], out["seqused_q"] = _merge_cu(cu, used, total)
+        new_v["has_seqused_q"] = True
+    out["q"] = fold(a["q"])
+    if v.kv_layout == "packed":
+        total = a["k"].shape[1]
+        cu = a["cu_seqlens_k"]
+        used = a.get("seqused_k", cu[:, 1:] - cu[:, :-1])
+        out["cu_seqlens_k"], out["seqused_k"] = _merge_cu(cu, used, total)
+        new_v["has_seqused_k"] = True
+        out["k"], out["v"] = fold(a["k"]), fold(a["v"])
+    elif v.kv_layout == "paged":
+        pages = a["k"].shape[1]
+        shift = pages * jnp.arange(size, dtype=jnp.int32)[:, None, None]
+        caches_mapped = any(dims[names.index(n)] is not None for n in ("k", "v"))
+        out["page_table"] = fold(a["page_table"] + shift if caches_mapped else a["page_table"])
+        out["seqused_k"] = fold(a["seqused_k"])
+        if caches_mapped:
+            out["k"], out["v"] = fold(a["k"]), fold(a["v"])
+        else:  # one shared pool: no copies
+            out["k"], out["v"] = args[names.index("k")], args[names.index("v")]
+    if new_v:
+        plan = dataclasses.replace(params.plan,
+                                   variant=dataclasses.replace(v, **new_v))
+        params = dataclasses.replace(params, plan=plan)
+    o, lse = fa4_forward(out, params)
+    o = o.reshape((size, -1) + o.shape[1:])
+    if v.q_layout == "packed":  # lse (N, V*total) -> (V, N, total)
+        lse = jnp.moveaxis(lse.reshape(lse.shape[0], size, -1), 1, 0)
+    else:  # (V*B, N, T) -> (V, B, N, T)
+        lse = lse.reshape((size, -1) + lse.shape[1:])
     return (o, lse), (0, 0)
 
 

@@ -124,3 +124,81 @@ def test_update_paged_cache_writes_and_drops():
     np.testing.assert_array_equal(k2[0, 0, 0], np.asarray(new[1, 0, 0]))
     np.testing.assert_array_equal(k2[1, 3, 0], np.asarray(new[1, 1, 0]))
     assert np.count_nonzero(k2.any(-1)) == 4  # nothing else written
+
+
+def _varlen_batch(rng, v=3):
+    lens_q = [[3, 0, 5], [1, 7, 2], [4, 4, 0]][:v]
+    lens_k = [[6, 2, 5], [1, 9, 3], [4, 8, 1]][:v]
+    cu = lambda ls: np.stack([np.concatenate([[0], np.cumsum(x)]) for x in ls]).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((v, 12, 4, 64)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((v, 14, 2, 64)), jnp.bfloat16)
+    return q, k, k * 0.5, jnp.asarray(cu(lens_q)), jnp.asarray(cu(lens_k))
+
+
+def test_vmap_varlen_matches_loop():
+    q, k, v, cu_q, cu_k = _varlen_batch(np.random.default_rng(0))
+    f = lambda q, k, v, a, b: jax_fa4.varlen_attention(  # noqa: E731
+        q, k, v, a, b, max_seqlen_q=8, max_seqlen_k=10, is_causal=True, return_residual=True)
+    o, lse = jax.jit(jax.vmap(f))(q, k, v, cu_q, cu_k)
+    for i in range(3):
+        oi, li = f(q[i], k[i], v[i], cu_q[i], cu_k[i])
+        np.testing.assert_allclose(np.asarray(o[i], np.float32), np.asarray(oi, np.float32),
+                                   atol=1e-2)
+        np.testing.assert_allclose(np.asarray(lse[i]), np.asarray(li), atol=1e-3)
+
+
+def _paged_batch(rng, v=2):
+    kc = jnp.asarray(rng.standard_normal((v, 12, 16, 2, 64)), jnp.bfloat16)
+    pt = jnp.asarray(np.stack([rng.permutation(12)[:8].reshape(2, 4) for _ in range(v)]),
+                     jnp.int32)
+    used = jnp.asarray(rng.integers(1, 64, (v, 2)), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((v, 2, 3, 8, 64)), jnp.bfloat16)
+    return q, kc, kc + 1, pt, used
+
+
+@pytest.mark.parametrize("shared_pool", [False, True])
+def test_vmap_paged_matches_loop(shared_pool):
+    q, kc, vc, pt, used = _paged_batch(np.random.default_rng(1))
+    f = lambda q, kc, vc, pt, u: jax_fa4.paged_attention(q, kc, vc, pt, u, is_causal=True)  # noqa: E731
+    if shared_pool:
+        o = jax.jit(jax.vmap(f, in_axes=(0, None, None, 0, 0)))(q, kc[0], vc[0], pt, used)
+    else:
+        o = jax.jit(jax.vmap(f))(q, kc, vc, pt, used)
+    for i in range(2):
+        j = 0 if shared_pool else i
+        oi = f(q[i], kc[j], vc[j], pt[i], used[i])
+        np.testing.assert_allclose(np.asarray(o[i], np.float32), np.asarray(oi, np.float32),
+                                   atol=1e-2)
+
+
+@requires_compiler
+@pytest.mark.compile
+def test_vmap_varlen_and_paged_lower_to_one_custom_call():
+    q, k, v, cu_q, cu_k = _varlen_batch(np.random.default_rng(0))
+    f = lambda q, k, v, a, b: jax_fa4.varlen_attention(  # noqa: E731
+        q, k, v, a, b, max_seqlen_q=8, max_seqlen_k=10, is_causal=True)
+    text = jax.jit(jax.vmap(f)).trace(q, k, v, cu_q, cu_k).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("@jax_fa4_cute_call") == 1
+    q, kc, vc, pt, used = _paged_batch(np.random.default_rng(1))
+    g = lambda q, kc, vc, pt, u: jax_fa4.paged_attention(q, kc, vc, pt, u, is_causal=True)  # noqa: E731
+    text = jax.jit(jax.vmap(g, in_axes=(0, None, None, 0, 0))).trace(
+        q, kc[0], vc[0], pt, used).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("@jax_fa4_cute_call") == 1
+    assert "tensor<12x16x2x64xbf16>" in text  # the shared pool is not copied per map entry
+
+
+def test_donated_cache_update_is_in_place():
+    """With donated caches the compiled update aliases them to its outputs and copies
+    no cache-sized buffer."""
+    kc = jnp.zeros((64, 16, 2, 64), jnp.bfloat16)
+    pt = jnp.arange(8, dtype=jnp.int32).reshape(2, 4)
+    new = jnp.ones((2, 1, 2, 64), jnp.bfloat16)
+    pos = jnp.array([[3], [9]], jnp.int32)
+    f = jax.jit(jax_fa4.update_paged_cache, donate_argnums=(0, 1))
+    hlo = f.lower(kc, kc, new, new, pt, pos).compile().as_text()
+    header = hlo.splitlines()[0]
+    assert "{0}: (0, {}, may-alias)" in header and "{1}: (1, {}, may-alias)" in header, header
+    cache_shape = "bf16[64,16,2,64]"
+    copies = [l for l in hlo.splitlines() if " copy(" in l and cache_shape in l]
+    assert not copies, copies
