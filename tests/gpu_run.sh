@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, bench, paged, sweep; default tests,bench) with precompiled
+# (comma-separated: tests, bench, paged, sweep, loop; default tests,bench) with precompiled
 # kernels from .device/kernels.  Logs and JSON go to $OUT.
 set -u
 what=",${1:-tests,bench},"
@@ -35,6 +35,11 @@ fi
 if [[ $what == *,paged,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_paged.py --out "$OUT/paged.json" \
     2>&1 | tee "$OUT/paged.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,loop,* ]]; then
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_decode_loop.py \
+    --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc
