@@ -18,7 +18,7 @@ import numpy as np
 from . import fallback
 from .api import _as_array, _scalar, _sinks, _window
 from .autodiff import fa4_call
-from .dispatch import Unsupported, VarlenCall, plan_varlen
+from .dispatch import Unsupported, VarlenCall, device_reason, plan_varlen
 from .primitive import FwdParams
 
 _IMPLEMENTATIONS = (None, "fa4", "xla")
@@ -247,6 +247,20 @@ def kernel_plan(fn: str, **kwargs):
         kw.update(kwargs)
         return plan_varlen(_paged_setup(**kw)[0])
     raise ValueError(f"fn must be 'varlen_attention' or 'paged_attention', got {fn!r}")
+
+
+def explain_call(fn: str, *, platform=None, **kwargs):
+    """Why `varlen_attention` / `paged_attention` (fn) with these arguments (arrays or
+    ShapeDtypeStructs) would not run the FA4 kernel, or None if it would.  platform:
+    where it would run; default: JAX's default backend."""
+    try:
+        kernel_plan(fn, **kwargs)
+    except Unsupported as e:
+        return str(e)
+    platform = platform or jax.default_backend()
+    if platform not in ("cuda", "gpu"):
+        return f"the platform is {platform}; the FA4 kernels need a CUDA SM90 GPU"
+    return device_reason()
 
 
 def _checked_page_table(page_table, seqused_k, *, num_pages, page_size):

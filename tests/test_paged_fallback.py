@@ -202,3 +202,16 @@ def test_donated_cache_update_is_in_place():
     cache_shape = "bf16[64,16,2,64]"
     copies = [l for l in hlo.splitlines() if " copy(" in l and cache_shape in l]
     assert not copies, copies
+
+
+def test_explain_call_names_the_reason():
+    q, kc, vc, pt, used = _paged_inputs()
+    kw = dict(q=q, k_cache=kc, v_cache=vc, page_table=pt, seqused_k=used)
+    assert "platform is cpu" in jax_fa4.explain_call("paged_attention", **kw)
+    assert jax_fa4.explain_call("paged_attention", platform="cuda", **kw) is None
+    f32 = {k: (x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x) for k, x in kw.items()}
+    assert "float32" in jax_fa4.explain_call("paged_attention", platform="cuda", **f32)
+    kc12 = jnp.ones((10, 12, 2, 64), jnp.bfloat16)
+    reason = jax_fa4.explain_call("paged_attention", platform="cuda",
+                                  **dict(kw, k_cache=kc12, v_cache=kc12))
+    assert "page_size 12" in reason
