@@ -4,6 +4,7 @@ Layers: api (attention; validation) -> dispatch (capability, reasons) ->
 primitive (lowering per platform, batching) -> kernels (variants, CuTe DSL
 launchers, compile, cache) -> csrc (the XLA FFI handler).
 """
+from . import export
 from .api import attention, explain, is_supported
 from .kernels import MissingKernelError
 from .paged_cache import update_paged_cache
@@ -12,6 +13,7 @@ from .varlen import paged_attention, varlen_attention
 __version__ = "0.1.0"
 __all__ = [
     "attention",
+    "export",
     "explain",
     "is_supported",
     "paged_attention",
