@@ -8,13 +8,14 @@ from . import export
 from .api import attention, explain, is_supported
 from .kernels import MissingKernelError
 from .paged_cache import update_paged_cache
-from .varlen import paged_attention, varlen_attention
+from .varlen import explain_call, paged_attention, varlen_attention
 
 __version__ = "0.1.0"
 __all__ = [
     "attention",
     "export",
     "explain",
+    "explain_call",
     "is_supported",
     "paged_attention",
     "update_paged_cache",
