@@ -11,6 +11,7 @@ from . import fallback
 from .dispatch import DenseCall, Unsupported, device_reason, plan_dense
 from .autodiff import fa4_call
 from .primitive import FwdParams
+from . import sharding  # noqa: F401  (multi-device jit: the primitive's partitioning rule)
 
 _IMPLEMENTATIONS = (None, "fa4", "cudnn", "xla")
 

@@ -1,0 +1,214 @@
+"""Partitioning rule for the forward primitive: jit with batch- or head-sharded q/k/v
+runs one call per shard, without all-gathers.
+
+How: when `jax_fa4_fwd` (dense attention) is lowered into a jit computation over
+several devices, its lowering emits a `jax.experimental.custom_partitioning` call
+instead of the call itself.  XLA's partitioner (Shardy, or GSPMD) then asks the rule
+below how to split it; the per-shard computation binds `jax_fa4_fwd` again, with
+per-shard shapes, and lowers it the usual way: the FA4 custom call on CUDA, the
+pure-JAX fallback elsewhere.  Doing it at lowering time (not around the bind at trace
+time) keeps every transformation working: vmap and the custom_vjp see the plain
+primitive, and only the lowered call carries the partitioning.
+
+The rule (Shardy's `sharding_rule`; GSPMD's callbacks decide the same):
+
+    q (b, t, k*g, h), k (b, s, k, h), v (b, s, k, d), sinks (k*g,)
+        -> out (b, t, k*g, d), lse (b, k*g, t)
+
+* batch `b` keeps the mesh axes it is sharded over in q (or, if q's batch is not
+  sharded, in k), as far as they divide B;
+* heads are sharded through the KV-head factor `k`: query head n uses KV head n // g,
+  so a block of KV heads carries exactly its g query heads each (a GQA group never
+  straddles shards).  The head axes of q (else k) are kept as far as they divide K,
+  the KV head count, and are not batch axes;
+* sequence (t, s) and head dims (h, d) are replicated: XLA undoes a sharding there
+  (all-gathers) before the call, as it does for the part of a batch or head sharding
+  that does not divide.  Sequence parallelism needs shard_map (e.g. ring attention).
+
+Not partitioned by the rule: varlen and paged attention; calls in a partially manual
+shard_map; jax.export (the rule is a callback of this process, so an exported module
+keeps the plain call, which XLA replicates); lowerings without a device assignment.
+Inside a fully manual shard_map the call is per shard already.  `set_enabled(False)`
+turns the rule off, e.g. to lower against an AbstractMesh alone (see there).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from jax._src import dispatch as _jax_dispatch
+from jax._src import sharding_impls as _sharding_impls
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
+from jax.sharding import NamedSharding, PartitionSpec
+
+from . import primitive
+from .dispatch import device_reason
+from .kernels import MissingKernelError, get_object
+from .primitive import FwdParams, fa4_fwd_p
+
+__all__ = ["call_specs", "set_enabled", "shardy_rule"]
+
+
+def _per_shard(params: FwdParams, *args):
+    return tuple(fa4_fwd_p.bind(*args, params=params))
+
+
+_partitioned = custom_partitioning(_per_shard, static_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------
+# The rule
+# ----------------------------------------------------------------------------
+
+def _axes(entry) -> tuple[str, ...]:
+    """A PartitionSpec entry as a tuple of mesh axis names."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _dims(arg) -> tuple[tuple[str, ...], ...]:
+    """Mesh axes of each dimension of an argument (a ShapeDtypeStruct with .sharding)."""
+    s = getattr(arg, "sharding", None)
+    spec = tuple(s.spec) if isinstance(s, NamedSharding) else ()
+    spec = spec + (None,) * (len(arg.shape) - len(spec))
+    return tuple(_axes(e) for e in spec)
+
+
+def _size(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _entry(axes):
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _divisible_prefix(mesh, axes, n, taken=()):
+    """The longest leading part of `axes` that splits n evenly and uses no axis in
+    `taken` (resharding to a leading part is a partial all-gather, no shuffle)."""
+    for i in range(len(axes), 0, -1):
+        head = axes[:i]
+        if n % _size(mesh, head) == 0 and not set(head) & set(taken):
+            return head
+    return ()
+
+
+def call_specs(mesh, arg_shapes):
+    """(operand specs, (out spec, lse spec)) of the per-shard call for operands with
+    these shardings: the batch and head sharding of q (else of k), cut to the mesh
+    axes that divide B and the KV head count K; everything else replicated."""
+    q, k = arg_shapes[0], arg_shapes[1]
+    qd, kd = _dims(q), _dims(k)
+    batch = _divisible_prefix(mesh, qd[0] or kd[0], q.shape[0])
+    heads = _divisible_prefix(mesh, qd[2] or kd[2], k.shape[2], taken=batch)
+    b, n = _entry(batch), _entry(heads)
+    qkv = PartitionSpec(b, None, n, None)
+    ops = [qkv, qkv, qkv] + [PartitionSpec(n)] * (len(arg_shapes) - 3)  # sinks (N,)
+    return ops, (qkv, PartitionSpec(b, n, None))
+
+
+def _named(mesh, specs):
+    return tuple(NamedSharding(mesh, s) for s in specs)
+
+
+def _infer(params, mesh, arg_shapes, result_shape):
+    del params, result_shape
+    return _named(mesh, call_specs(mesh, arg_shapes)[1])
+
+
+def _partition(params, mesh, arg_shapes, result_shape):
+    del result_shape
+    ops, outs = call_specs(mesh, arg_shapes)
+    return mesh, functools.partial(_per_shard, params), _named(mesh, outs), _named(mesh, ops)
+
+
+def shardy_rule(params: FwdParams, num_operands: int) -> tuple[str, dict]:
+    """Shardy's rule: einsum-like string and factor options.  Query heads are the
+    compound factor (k g) so they shard with the KV heads k; sequence and head dims
+    need replication."""
+    g = params.plan.variant.qhead_per_kvhead
+    n = "(k g)" if g > 1 else "k"
+    ops = [f"b t {n} h", "b s k h", "b s k d"] + [n] * (num_operands - 3)
+    rule = ", ".join(ops) + f" -> b t {n} d, b {n} t"
+    # Shardy wants the special factors in the order the rule first names them.
+    opts = dict(need_replication_factors=("t", "h", "s", "d"))
+    if g > 1:
+        opts["g"] = g
+    return rule, opts
+
+
+def _sdy_rule(params, mesh, value_types, result_types):
+    del mesh, result_types
+    return shardy_rule(params, len(value_types))
+
+
+_partitioned.def_partition(
+    partition=_partition,
+    infer_sharding_from_operands=_infer,
+    sharding_rule=_sdy_rule,
+)
+
+
+# ----------------------------------------------------------------------------
+# Lowering hook
+# ----------------------------------------------------------------------------
+
+def _spmd(ctx) -> bool:
+    """Whether the lowering is into an automatically partitioned (jit) computation
+    over several devices, with the devices known (custom_partitioning needs them),
+    and not for jax.export: the rule is a Python callback of this process, which a
+    serialized module cannot carry."""
+    mc = ctx.module_context
+    ac = mc.axis_context
+    return (isinstance(ac, _sharding_impls.ShardingContext) and ac.num_devices > 1
+            and ac.device_assignment is not None
+            and not mc.lowering_parameters.for_export)
+
+
+def _kernel_ready(params: FwdParams) -> bool:
+    """Whether the CUDA lowering would emit the custom call (else it falls back or
+    raises, which the plain lowering does with the same message)."""
+    if device_reason() is not None:
+        return False
+    try:
+        get_object(params.plan.variant)
+    except MissingKernelError:
+        return False
+    return True
+
+
+def _hooked(base, platform):
+    def rule(ctx, *args, params: FwdParams):
+        if params.kind == "dense" and _spmd(ctx):
+            ready = _kernel_ready(params) if platform == "cuda" else not params.forced
+            if ready:
+                return mlir.lower_fun(functools.partial(_partitioned, params),
+                                      multiple_results=True)(ctx, *args)
+        return base(ctx, *args, params=params)
+
+    rule.__wrapped__ = base
+    return rule
+
+
+def set_enabled(enabled: bool = True) -> None:
+    """Turns the partitioning rule on (the default, from import) or off.
+
+    On: multi-device jit lowerings of dense attention go through the rule, and JAX
+    is told that `jax_fa4_fwd` needs the device assignment at lowering time (what
+    custom_partitioning needs), which makes JAX refuse to lower it against an
+    AbstractMesh alone ("AbstractMesh cannot be used when jaxpr contains primitives
+    that require devices ...").  Off: primitive.py's lowerings as they are (XLA
+    replicates the FA4 call under sharding), and AbstractMesh lowering works again.
+    Applies to lowerings from then on; functions already traced or compiled keep
+    what they had (`jax.clear_caches()` drops them)."""
+    hook = _hooked if enabled else (lambda base, platform: base)
+    mlir.register_lowering(fa4_fwd_p, hook(primitive._lower_default, None))
+    mlir.register_lowering(fa4_fwd_p, hook(primitive._lower_cuda, "cuda"), platform="cuda")
+    if enabled:
+        _jax_dispatch.prim_requires_devices_during_lowering.add(fa4_fwd_p)
+    else:
+        _jax_dispatch.prim_requires_devices_during_lowering.discard(fa4_fwd_p)
+
+
+set_enabled(True)
