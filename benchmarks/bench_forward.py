@@ -24,7 +24,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import jax_fa4  # noqa: E402
 from jax_fa4.api import kernel_plan  # noqa: E402

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import fallback
-from .dispatch import DenseCall, Unsupported, device_reason, plan_dense
+from .dispatch import DenseCall, Unsupported, plan_dense, platform_reason
 from .autodiff import fa4_call
 from .primitive import FwdParams
 from . import sharding  # noqa: F401  (multi-device jit: the primitive's partitioning rule)
@@ -204,10 +204,7 @@ def explain(query, key, value, bias=None, mask=None, *, scale=None, is_causal=Fa
         plan_dense(_describe(q, k, v, window, softcap, sinks, bias, mask))
     except Unsupported as e:
         return str(e)
-    platform = platform or jax.default_backend()
-    if platform not in ("cuda", "gpu"):
-        return f"the platform is {platform}; the FA4 kernels need a CUDA SM90 GPU"
-    return device_reason()
+    return platform_reason(platform)
 
 
 def is_supported(*args, **kwargs) -> bool:

@@ -183,6 +183,15 @@ def plan_varlen(c: VarlenCall) -> KernelPlan:
                         has_seqused_k=c.has_seqused_k, paged_tma=paged_tma, tile=tile)
 
 
+def platform_reason(platform: str | None) -> str | None:
+    """Why a call placed on `platform` (default: JAX's default backend) cannot run the
+    kernel, or None if it can (see device_reason for the local-device check)."""
+    platform = platform or jax.default_backend()
+    if platform not in ("cuda", "gpu"):
+        return f"the platform is {platform}; the FA4 kernels need a CUDA SM90 GPU"
+    return device_reason()
+
+
 def device_reason() -> str | None:
     """Why the local CUDA devices cannot run the kernel, or None if they can.
 

@@ -18,7 +18,7 @@ import numpy as np
 from . import fallback
 from .api import _as_array, _scalar, _sinks, _window
 from .autodiff import fa4_call
-from .dispatch import Unsupported, VarlenCall, device_reason, plan_varlen
+from .dispatch import Unsupported, VarlenCall, plan_varlen, platform_reason
 from .primitive import FwdParams
 
 _IMPLEMENTATIONS = (None, "fa4", "xla")
@@ -257,10 +257,7 @@ def explain_call(fn: str, *, platform=None, **kwargs):
         kernel_plan(fn, **kwargs)
     except Unsupported as e:
         return str(e)
-    platform = platform or jax.default_backend()
-    if platform not in ("cuda", "gpu"):
-        return f"the platform is {platform}; the FA4 kernels need a CUDA SM90 GPU"
-    return device_reason()
+    return platform_reason(platform)
 
 
 def _checked_page_table(page_table, seqused_k, *, num_pages, page_size):
