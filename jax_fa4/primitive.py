@@ -200,19 +200,15 @@ def _batch_varlen(args, dims, params: FwdParams):
     out = {"sinks": args[names.index("sinks")]} if "sinks" in names else {}
     fold = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
     new_v = {}
-    if v.q_layout == "packed":
-        total = a["q"].shape[1]
-        cu = a["cu_seqlens_q"]
-        used = a.get("seqused_q", cu[:, 1:] - cu[:, :-1])
-        out["cu_seqlens_q"], out["seqused_q"] = _merge_cu(cu, used, total)
-        new_v["has_seqused_q"] = True
+    for side in ("q", "k"):  # packed rows: more sequences
+        if (v.q_layout if side == "q" else v.kv_layout) == "packed":
+            cu = a[f"cu_seqlens_{side}"]
+            used = a.get(f"seqused_{side}", cu[:, 1:] - cu[:, :-1])
+            out[f"cu_seqlens_{side}"], out[f"seqused_{side}"] = _merge_cu(
+                cu, used, a[side].shape[1])
+            new_v[f"has_seqused_{side}"] = True
     out["q"] = fold(a["q"])
     if v.kv_layout == "packed":
-        total = a["k"].shape[1]
-        cu = a["cu_seqlens_k"]
-        used = a.get("seqused_k", cu[:, 1:] - cu[:, :-1])
-        out["cu_seqlens_k"], out["seqused_k"] = _merge_cu(cu, used, total)
-        new_v["has_seqused_k"] = True
         out["k"], out["v"] = fold(a["k"]), fold(a["v"])
     elif v.kv_layout == "paged":
         pages = a["k"].shape[1]
