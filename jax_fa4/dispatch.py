@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
 from .kernels.config import ForwardVariant, sm90_forward_tile
 
@@ -207,7 +206,3 @@ def device_reason() -> str | None:
         if cc is not None and not str(cc).startswith("9"):
             return f"device {d} has compute capability {cc}; the FA4 kernels need 9.x (Hopper)"
     return None
-
-
-def dtype_name(x) -> str:
-    return np.dtype(x.dtype).name

@@ -195,3 +195,21 @@ def paged_fallback(q, k_cache, v_cache, page_table, seqused_k, cu_q, seqused_q, 
     mask = _lengths_mask(len_q, seqused_k, max_seqlen_q, kd.shape[1], window)
     od, lse_d = reference_attention(qd, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
     return _unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])
+
+
+def run(kind: str, a: dict, *, scale, window, softcap, max_seqlen_q=None, max_seqlen_k=None,
+        platform="cpu"):
+    """The pure-JAX computation for an operand dict `a` (kernels/forward_abi.py names) of
+    a 'dense', 'varlen' or 'paged' call: (out, lse laid out as the kernel lays it out)."""
+    common = dict(scale=scale, window=window, softcap=softcap)
+    if kind == "dense":
+        return dense_fallback(a["q"], a["k"], a["v"], a.get("sinks"), platform=platform,
+                              **common)
+    if kind == "varlen":
+        return varlen_fallback(
+            a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a.get("seqused_q"),
+            a.get("seqused_k"), a.get("sinks"), max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, **common)
+    return paged_fallback(
+        a["q"], a["k"], a["v"], a["page_table"], a["seqused_k"], a.get("cu_seqlens_q"),
+        a.get("seqused_q"), a.get("sinks"), max_seqlen_q=max_seqlen_q, **common)

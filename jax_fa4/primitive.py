@@ -75,18 +75,9 @@ def _abstract_eval(q, k, v, *rest, params):
 
 def _fallback(*args, params: FwdParams, platform: str):
     a = dict(zip((n for n, _ in operands(params.plan.variant)), args))
-    common = dict(scale=params.scale, window=params.window, softcap=params.softcap)
-    if params.kind == "dense":
-        return fallback.dense_fallback(a["q"], a["k"], a["v"], a.get("sinks"), **common,
-                                       platform=platform)
-    if params.kind == "varlen":
-        return fallback.varlen_fallback(
-            a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a.get("seqused_q"),
-            a.get("seqused_k"), a.get("sinks"), max_seqlen_q=params.max_seqlen_q,
-            max_seqlen_k=params.max_seqlen_k, **common)
-    return fallback.paged_fallback(
-        a["q"], a["k"], a["v"], a["page_table"], a["seqused_k"], a.get("cu_seqlens_q"),
-        a.get("seqused_q"), a.get("sinks"), max_seqlen_q=params.max_seqlen_q, **common)
+    return fallback.run(params.kind, a, scale=params.scale, window=params.window,
+                        softcap=params.softcap, max_seqlen_q=params.max_seqlen_q,
+                        max_seqlen_k=params.max_seqlen_k, platform=platform)
 
 
 def fallback_call(args: dict, params: FwdParams):

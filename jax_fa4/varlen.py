@@ -87,16 +87,8 @@ def _run(kind, call: VarlenCall, args: dict, scale, window, softcap, max_seqlen_
             o = jnp.where(used[:, None, None], o, 0).astype(o.dtype)
             lse = jnp.where(used[None, :], lse, -jnp.inf)
         return o, lse
-    if kind == "varlen":
-        return fallback.varlen_fallback(
-            args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
-            args.get("seqused_q"), args.get("seqused_k"), args.get("sinks"),
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, window=window,
-            softcap=softcap)
-    return fallback.paged_fallback(
-        args["q"], args["k"], args["v"], args["page_table"], args["seqused_k"],
-        args.get("cu_seqlens_q"), args.get("seqused_q"), args.get("sinks"),
-        max_seqlen_q=max_seqlen_q, scale=scale, window=window, softcap=softcap)
+    return fallback.run(kind, args, scale=scale, window=window, softcap=softcap,
+                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k,

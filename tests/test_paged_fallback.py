@@ -38,30 +38,32 @@ def _lower_cuda(fn, case):
     return f.trace(arrays).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def _one_call_signature(text):
+    """(operand types, result types) of the single jax_fa4 custom call in `text`."""
+    calls = [l for l in text.splitlines() if "@jax_fa4_cute_call" in l]
+    assert len(calls) == 1
+    sig = re.search(r":\s*\(([^()]*)\)\s*->\s*\(([^()]*)\)\s*$", calls[0])
+    return sig.group(1).split(", "), sig.group(2).split(", ")
+
+
 @requires_compiler
 @pytest.mark.compile
 def test_varlen_lowers_to_custom_call_with_cu_seqlens():
     case = varlen_case("bfloat16", 128, 1, 8, "causal", seqused=True)
-    text = _lower_cuda(jax_fa4.varlen_attention, case)
-    calls = [l for l in text.splitlines() if "@jax_fa4_cute_call" in l]
-    assert len(calls) == 1
-    sig = re.search(r":\s*\(([^()]*)\)\s*->\s*\(([^()]*)\)\s*$", calls[0])
-    assert sig.group(1).split(", ") == [
+    operands, results = _one_call_signature(_lower_cuda(jax_fa4.varlen_attention, case))
+    assert operands == [
         "tensor<1200x8x128xbf16>", "tensor<1600x1x128xbf16>", "tensor<1600x1x128xbf16>",
         "tensor<7xi32>", "tensor<7xi32>", "tensor<6xi32>"]
-    assert sig.group(2).split(", ") == ["tensor<1200x8x128xbf16>", "tensor<8x1200xf32>"]
+    assert results == ["tensor<1200x8x128xbf16>", "tensor<8x1200xf32>"]
 
 
 @requires_compiler
 @pytest.mark.compile
 def test_paged_lowers_to_custom_call_with_page_table():
     case = paged_case("bfloat16", 128, 2, 8, "causal", 64, 1)
-    text = _lower_cuda(jax_fa4.paged_attention, case)
-    calls = [l for l in text.splitlines() if "@jax_fa4_cute_call" in l]
-    assert len(calls) == 1
-    sig = re.search(r":\s*\(([^()]*)\)\s*->\s*\(([^()]*)\)\s*$", calls[0])
+    operands, _ = _one_call_signature(_lower_cuda(jax_fa4.paged_attention, case))
     # q, k_cache, v_cache, seqused_k, page_table (kernel ABI order)
-    assert sig.group(1).split(", ") == [
+    assert operands == [
         "tensor<3x1x16x128xbf16>", "tensor<61x64x2x128xbf16>", "tensor<61x64x2x128xbf16>",
         "tensor<3xi32>", "tensor<3x18xi32>"]
 

@@ -26,6 +26,8 @@ from .config import ForwardVariant
 logger = logging.getLogger("jax_fa4")
 
 _MAGIC = b"JAXFA4K1"
+_UMASK = os.umask(0o022)  # read once: mkstemp creates 0600, files get the usual mode
+os.umask(_UMASK)
 _memory: dict[str, bytes] = {}
 _lock = threading.Lock()
 
@@ -88,9 +90,7 @@ def store_to_disk(variant: ForwardVariant, obj: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(_encode(variant.key(), obj))
-        umask = os.umask(0)  # mkstemp creates 0600; give the file the usual mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache still works from memory
         logger.warning("jax_fa4: cannot write kernel cache %s: %s", path, e)
