@@ -7,7 +7,11 @@ what=",${1:-tests,bench},"
 OUT=${OUT:-/tmp/jax_fa4_out}
 mkdir -p "$OUT"
 RT=$(python3 .device/unpack-runtime.py) || exit 1
-if ! python3 -c "import jax_fa4._ffi" 2>/dev/null; then
+# Reinstall unless jax_fa4 (with its extension) already imports from this tree: a warm
+# machine may still hold an editable install of another checkout.
+here=$(python3 -c "import jax_fa4._ffi, os; print(os.path.dirname(jax_fa4.__file__))" 2>/dev/null)
+if [ "$here" != "$PWD/jax_fa4" ]; then
+  python3 -m pip uninstall -q -y jax_fa4 >/dev/null 2>&1
   python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \
     || { tail -40 "$OUT/install.log"; exit 1; }
 fi
