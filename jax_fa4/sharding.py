@@ -1,7 +1,7 @@
 """Partitioning rule for the forward primitive: jit with batch- or head-sharded q/k/v
 runs one call per shard, without all-gathers.
 
-How: when `jax_fa4_fwd` (dense attention) is lowered into a jit computation over
+How: when `jax_fa4_fwd` is lowered into a jit computation over
 several devices, its lowering emits a `jax.experimental.custom_partitioning` call
 instead of the call itself.  XLA's partitioner (Shardy, or GSPMD) then asks the rule
 below how to split it; the per-shard computation binds `jax_fa4_fwd` again, with
@@ -25,7 +25,11 @@ The rule (Shardy's `sharding_rule`; GSPMD's callbacks decide the same):
   (all-gathers) before the call, as it does for the part of a batch or head sharding
   that does not divide.  Sequence parallelism needs shard_map (e.g. ring attention).
 
-Not partitioned by the rule: varlen and paged attention; calls in a partially manual
+varlen and paged attention follow the same rule: page tables and lengths shard with
+the batch, the page pool with the KV heads (each shard reads its pages of its heads);
+packed (cu_seqlens) layouts shard over heads only, since their rows mix sequences.
+
+Not partitioned by the rule: calls in a partially manual
 shard_map; jax.export (the rule is a callback of this process, so an exported module
 keeps the plain call, which XLA replicates); lowerings without a device assignment.
 Inside a fully manual shard_map the call is per shard already.  `set_enabled(False)`
@@ -45,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from . import primitive
 from .dispatch import device_reason
 from .kernels import MissingKernelError, get_object
+from .kernels.forward_abi import operands
 from .primitive import FwdParams, fa4_fwd_p
 
 __all__ = ["call_specs", "set_enabled", "shardy_rule"]
@@ -94,45 +99,114 @@ def _divisible_prefix(mesh, axes, n, taken=()):
     return ()
 
 
-def call_specs(mesh, arg_shapes):
+# Each operand's dimensions by role: "b" batch, "n" query heads, "k" KV heads, None
+# replicated (sequence, head dim, page and offset dimensions).  Keyed by forward_abi
+# operand name, then by rank where the layout changes it.
+_ROLES = {
+    "q": {4: ("b", None, "n", None), 3: (None, "n", None)},  # dense | packed
+    "k": {4: ("b", None, "k", None), 3: (None, "k", None)},  # dense (or paged) | packed
+    "cu_seqlens_q": {1: (None,)},
+    "cu_seqlens_k": {1: (None,)},
+    "seqused_q": {1: ("b",)},
+    "seqused_k": {1: ("b",)},
+    "page_table": {2: ("b", None)},
+    "sinks": {1: ("n",)},
+}
+_ROLES["v"] = _ROLES["k"]
+_DENSE = ("q", "k", "v", "sinks")
+
+
+def _roles(name: str, rank: int, kind: str):
+    if kind == "paged" and name in ("k", "v"):  # (pages, page_size, K, d): a shared pool
+        return (None, None, "k", None)
+    return _ROLES[name][rank]
+
+
+def call_specs(mesh, arg_shapes, names=_DENSE, kind: str = "dense"):
     """(operand specs, (out spec, lse spec)) of the per-shard call for operands with
-    these shardings: the batch and head sharding of q (else of k), cut to the mesh
-    axes that divide B and the KV head count K; everything else replicated."""
-    q, k = arg_shapes[0], arg_shapes[1]
+    these shardings (operands named as in forward_abi, in order): the batch and head
+    sharding of q (else of k), cut to the mesh axes that divide B and the KV head
+    count K; everything else replicated.  Batch is split only where every operand
+    is per sequence or shared: dense q with dense or paged k/v (packed rows and
+    cu_seqlens are offsets into the whole batch)."""
+    a = dict(zip(names, arg_shapes))
+    q, k = a["q"], a["k"]
     qd, kd = _dims(q), _dims(k)
-    batch = _divisible_prefix(mesh, qd[0] or kd[0], q.shape[0])
-    heads = _divisible_prefix(mesh, qd[2] or kd[2], k.shape[2], taken=batch)
-    b, n = _entry(batch), _entry(heads)
-    qkv = PartitionSpec(b, None, n, None)
-    ops = [qkv, qkv, qkv] + [PartitionSpec(n)] * (len(arg_shapes) - 3)  # sinks (N,)
-    return ops, (qkv, PartitionSpec(b, n, None))
+    qroles, kroles = _roles("q", q.ndim, kind), _roles("k", k.ndim, kind)
+    batch = ()
+    if qroles[0] == "b" and "cu_seqlens_k" not in a:
+        b_axes = qd[0] or (kd[0] if kroles[0] == "b" else ())
+        batch = _divisible_prefix(mesh, b_axes, q.shape[0])
+    hq, hk = qroles.index("n"), kroles.index("k")
+    heads = _divisible_prefix(mesh, qd[hq] or kd[hk], k.shape[hk], taken=batch)
+    entry = {"b": _entry(batch), "n": _entry(heads), "k": _entry(heads), None: None}
+    ops = [PartitionSpec(*(entry[r] for r in _roles(n, x.ndim, kind)))
+           for n, x in zip(names, arg_shapes)]
+    out = ops[0]
+    lse = PartitionSpec(entry["b"], entry["n"], None) if q.ndim == 4 else (
+        PartitionSpec(entry["n"], None))
+    return ops, (out, lse)
 
 
 def _named(mesh, specs):
     return tuple(NamedSharding(mesh, s) for s in specs)
 
 
+def _names(params: FwdParams) -> tuple[str, ...]:
+    return tuple(n for n, _ in operands(params.plan.variant))
+
+
 def _infer(params, mesh, arg_shapes, result_shape):
-    del params, result_shape
-    return _named(mesh, call_specs(mesh, arg_shapes)[1])
+    del result_shape
+    return _named(mesh, call_specs(mesh, arg_shapes, _names(params), params.kind)[1])
 
 
 def _partition(params, mesh, arg_shapes, result_shape):
     del result_shape
-    ops, outs = call_specs(mesh, arg_shapes)
+    ops, outs = call_specs(mesh, arg_shapes, _names(params), params.kind)
     return mesh, functools.partial(_per_shard, params), _named(mesh, outs), _named(mesh, ops)
 
 
-def shardy_rule(params: FwdParams, num_operands: int) -> tuple[str, dict]:
+# Shardy factor names of the replicated dimensions, per operand and rank.
+_SDY_OTHER = {
+    "q": {4: ("b", "t", None, "h"), 3: ("r", None, "h")},
+    "k": {4: ("b", "s", "k", "h"), 3: ("u", "k", "h")},
+    "v": {4: ("b", "s", "k", "d"), 3: ("u", "k", "d")},
+    "cu_seqlens_q": {1: ("cq",)},
+    "cu_seqlens_k": {1: ("ck",)},
+    "seqused_q": {1: ("b",)},
+    "seqused_k": {1: ("b",)},
+    "page_table": {2: ("b", "m")},
+    "sinks": {1: (None,)},
+}
+
+
+def shardy_rule(params: FwdParams, num_operands: int | None = None) -> tuple[str, dict]:
     """Shardy's rule: einsum-like string and factor options.  Query heads are the
-    compound factor (k g) so they shard with the KV heads k; sequence and head dims
-    need replication."""
-    g = params.plan.variant.qhead_per_kvhead
+    compound factor (k g) so they shard with the KV heads k; every other factor but
+    the batch b needs replication.  Where the batch cannot be split (packed k/v, or
+    packed q, whose rows mix sequences) it needs replication too."""
+    del num_operands  # implied by the variant
+    v = params.plan.variant
+    g = v.qhead_per_kvhead
     n = "(k g)" if g > 1 else "k"
-    ops = [f"b t {n} h", "b s k h", "b s k d"] + [n] * (num_operands - 3)
-    rule = ", ".join(ops) + f" -> b t {n} d, b {n} t"
+    paged = v.kv_layout == "paged"
+    terms = []
+    for name, rank in operands(v):
+        dims = list(_SDY_OTHER[name][rank])
+        if paged and name in ("k", "v"):  # (pages, page_size, K, d)
+            dims = ["p", "z", "k", "h" if name == "k" else "d"]
+        terms.append(" ".join(n if f is None else f for f in dims))
+    dense_q = v.q_layout == "dense"
+    out = f"b t {n} d" if dense_q else f"r {n} d"
+    lse = f"b {n} t" if dense_q else f"{n} r"
+    rule = ", ".join(terms) + f" -> {out}, {lse}"
     # Shardy wants the special factors in the order the rule first names them.
-    opts = dict(need_replication_factors=("t", "h", "s", "d"))
+    factors = [f for f in rule.replace(",", " ").replace("->", " ").replace("(", " ")
+               .replace(")", " ").split()]
+    keep = {"k", "g"} | ({"b"} if dense_q and v.kv_layout != "packed" else set())
+    opts = dict(need_replication_factors=tuple(dict.fromkeys(
+        f for f in factors if f not in keep)))
     if g > 1:
         opts["g"] = g
     return rule, opts
@@ -140,7 +214,7 @@ def shardy_rule(params: FwdParams, num_operands: int) -> tuple[str, dict]:
 
 def _sdy_rule(params, mesh, value_types, result_types):
     del mesh, result_types
-    return shardy_rule(params, len(value_types))
+    return shardy_rule(params)
 
 
 _partitioned.def_partition(
@@ -180,7 +254,7 @@ def _kernel_ready(params: FwdParams) -> bool:
 
 def _hooked(base, platform):
     def rule(ctx, *args, params: FwdParams):
-        if params.kind == "dense" and _spmd(ctx):
+        if _spmd(ctx):
             ready = _kernel_ready(params) if platform == "cuda" else not params.forced
             if ready:
                 return mlir.lower_fun(functools.partial(_partitioned, params),
@@ -194,7 +268,7 @@ def _hooked(base, platform):
 def set_enabled(enabled: bool = True) -> None:
     """Turns the partitioning rule on (the default, from import) or off.
 
-    On: multi-device jit lowerings of dense attention go through the rule, and JAX
+    On: multi-device jit lowerings of attention go through the rule, and JAX
     is told that `jax_fa4_fwd` needs the device assignment at lowering time (what
     custom_partitioning needs), which makes JAX refuse to lower it against an
     AbstractMesh alone ("AbstractMesh cannot be used when jaxpr contains primitives

@@ -356,6 +356,60 @@ def test_shard_map_runs_attention_per_shard():
     assert res == dict(custom_partitioning=0, err=0.0, partitions=0)
 
 
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_paged_and_varlen_shard_per_shard_on_cpu(partitioner):
+    """paged_attention: q, page table and lengths split over batch (the pool is shared),
+    q and pool split over heads; varlen (packed rows): heads only.  No collectives."""
+    res = run_devices("""
+        res = {}
+        rng = np.random.default_rng(1)
+        B, Tq, N, K, H, pages, ps = 8, 2, 16, 8, 64, 40, 16
+        q = jnp.asarray(rng.standard_normal((B, Tq, N, H)), jnp.bfloat16)
+        kc = jnp.asarray(rng.standard_normal((pages, ps, K, H)), jnp.bfloat16)
+        vc = jnp.asarray(rng.standard_normal((pages, ps, K, H)), jnp.bfloat16)
+        table = jnp.asarray(rng.permutation(pages)[:B * 5].reshape(B, 5), jnp.int32)
+        used = jnp.asarray(rng.integers(1, 5 * ps, B), jnp.int32)
+        f = lambda q, kc, vc, t, u: jax_fa4.paged_attention(q, kc, vc, t, u, is_causal=True)
+        args = (q, kc, vc, table, used)
+        m = mesh((8,), ("data",))
+        res["paged_batch"] = check(f, args, [put(q, m, P("data")), put(kc, m, P()),
+                                             put(vc, m, P()), put(table, m, P("data")),
+                                             put(used, m, P("data"))])
+        m = mesh((8,), ("model",))
+        heads = [put(q, m, P(None, None, "model")), put(kc, m, P(None, None, "model")),
+                 put(vc, m, P(None, None, "model")), put(table, m, P()), put(used, m, P())]
+        res["paged_heads"] = check(f, args, heads)
+        sm = jax.shard_map(f, mesh=m, in_specs=(P(None, None, "model"),) * 3 + (P(), P()),
+                           out_specs=P(None, None, "model"))
+        res["paged_shard_map"] = max_err(jax.jit(sm)(*heads), jax.jit(f)(*args))
+        # varlen, packed rows: heads only
+        cu = jnp.asarray([0, 5, 40, 64], jnp.int32)
+        qp = jnp.asarray(rng.standard_normal((64, N, H)), jnp.bfloat16)
+        kp = jnp.asarray(rng.standard_normal((64, K, H)), jnp.bfloat16)
+        g = lambda q, k, v, c: jax_fa4.varlen_attention(q, k, v, c, c, max_seqlen_q=35,
+                                                        max_seqlen_k=35, is_causal=True)
+        res["varlen_heads"] = check(g, (qp, kp, kp, cu), [put(qp, m, P(None, "model")),
+                                                          put(kp, m, P(None, "model")),
+                                                          put(kp, m, P(None, "model")),
+                                                          put(cu, m, P())])
+        print(json.dumps(res))
+    """, partitioner=partitioner)
+    for name, q_shard in [("paged_batch", "bf16[1,2,16,64]"), ("paged_heads", "bf16[8,2,2,64]"),
+                          ("varlen_heads", "bf16[64,2,64]")]:
+        r = res[name]
+        assert r["custom_partitioning"] == 1, (name, r)
+        assert r["sdy_rule"] == (partitioner == "shardy"), (name, r)
+        assert r["collectives"] == [], (name, r)
+        assert r["entry_shapes"][0] == q_shard, (name, r)
+        assert r["err"] == 0.0, (name, r)
+    assert res["paged_batch"]["partitions"][-1]["ops"] == [
+        "P('data', None, None, None)", "P(None, None, None, None)",
+        "P(None, None, None, None)", "P('data',)", "P('data', None)"]
+    assert res["paged_heads"]["partitions"][-1]["ops"][:3] == [
+        "P(None, None, 'model', None)"] * 3
+    assert res["paged_shard_map"] == 0.0
+
+
 def test_export_of_a_sharded_call_has_no_partitioning_callback():
     """The rule is a Python callback of the lowering process: exports keep the plain
     call (XLA replicates it where it runs), so the artifact stays self-contained."""
