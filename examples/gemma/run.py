@@ -203,13 +203,17 @@ def main(argv=None):
     for backend in args.attention.split(","):
         report = attention_report(cfg, lens, new_tokens, args, backend)
         reasons = report[0] if backend == "jax_fa4" else report
+        if backend == "jax_fa4" and args.assert_fa4:
+            raw = paths.explain_paths(report[1])
+            early = paths.check_all_fa4(cfg, raw, {})
+            if early:  # known before compiling anything
+                _fail_assert(early)
         r, tokens[backend], lowered = run_backend(backend, params, cfg, prompts, new_tokens,
                                                   args, sampler)
         r["paths"] = {f"{ph}/{kind}": why for (ph, kind), why in reasons.items()}
         if backend == "jax_fa4":
             r["kernel_calls"] = {ph: paths.count_kernel_calls(low) for ph, low in lowered.items()}
             if args.assert_fa4:
-                raw = paths.explain_paths(report[1])
                 failed += paths.check_all_fa4(cfg, raw, lowered)
         runs.append(r)
         print(f"[{backend}] first tokens: " + "; ".join(
@@ -232,9 +236,13 @@ def main(argv=None):
         print(f"wrote {args.json}")
     if args.assert_fa4:
         if failed:
-            print("--assert-fa4: FAILED\n  " + "\n  ".join(failed), file=sys.stderr)
-            sys.exit(1)
+            _fail_assert(failed)
         print("--assert-fa4: every attention call took the FA4 kernel")
+
+
+def _fail_assert(problems):
+    print("--assert-fa4: FAILED\n  " + "\n  ".join(problems), file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
