@@ -114,7 +114,10 @@ def xla_attention(q, k, v, k_pool, v_pool, b: Batch, cfg: GemmaConfig, kind: str
         p = jnp.exp(lg - jnp.where(jnp.isfinite(m), m, 0.0))
         l = jnp.sum(p, axis=-1, keepdims=True)
         p = p / jnp.where(l > 0, l, 1.0)
-        o = jnp.einsum("bkgts,bskh->btkgh", p, vd.astype(jnp.float32))
+        # P in the cache dtype, float32 accumulation (as flash attention kernels do;
+        # also avoids a float32 copy of the gathered V).
+        o = jnp.einsum("bkgts,bskh->btkgh", p.astype(vd.dtype), vd,
+                       preferred_element_type=jnp.float32)
         return o.reshape(bsz, blk, n, hd).astype(q.dtype)
 
     split = lambda x: jnp.moveaxis(x.reshape((bsz, nblk, blk) + x.shape[2:]), 1, 0)
