@@ -81,6 +81,8 @@ def parse_args(argv=None):
                    "(0: off; a host callback in the loop; default: new_tokens // 4)")
     p.add_argument("--assert-fa4", action="store_true", help="fail unless every jax_fa4 "
                    "attention call takes the FA4 kernel (needs an H100/H200)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generations before the "
+                   "timed one (the first run of a program pays one-time costs)")
     p.add_argument("--json", metavar="OUT", help="write the summary as JSON")
     args = p.parse_args(argv)
     for name in args.attention.split(","):
@@ -101,17 +103,20 @@ def setup(args):
 
 
 def run_backend(backend, params, cfg, prompts, new_tokens, args, sampler):
-    """One generation, timed; returns (summary dict, tokens (B, new_tokens), Lowered by phase)."""
+    """Compiles prefill and decode, runs `args.warmup` untimed generations, then one
+    timed one (each on a fresh cache).  Returns (summary dict, tokens (B, new_tokens),
+    {phase: jax.stages.Lowered})."""
     lens = [len(x) for x in prompts]
     capacity = [n + new_tokens for n in lens]
     cache = kv_cache.init_cache(cfg, capacity, args.page_size, args.seed)
     tokens = jnp.asarray(np.concatenate(prompts), jnp.int32)
     batch = generate.prefill_batch(lens)
     k1, k2 = jax.random.split(jax.random.PRNGKey(args.seed))
+    steps = new_tokens - 1
     every = new_tokens // 4 if args.progress_every is None else args.progress_every
-    r = dict(backend=backend)
+    r = dict(backend=backend, prefill_tokens=sum(lens))
 
-    print(f"[{backend}] prefill: compiling ...", flush=True)
+    print(f"[{backend}] compiling prefill and decode ({steps} steps) ...", flush=True)
     t0 = time.perf_counter()
     lowered = {"prefill": generate.prefill.lower(
         params, cache, tokens, batch, k1, cfg=cfg, backend=backend, prefill=args.prefill,
@@ -119,34 +124,37 @@ def run_backend(backend, params, cfg, prompts, new_tokens, args, sampler):
     run_prefill = lowered["prefill"].compile()
     r["prefill_compile_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cache, first, _ = run_prefill(params, cache, tokens, batch, k1)
-    first.block_until_ready()
-    r["prefill_s"] = time.perf_counter() - t0
-    r["prefill_tokens"] = sum(lens)
-    r["prefill_tok_per_s"] = sum(lens) / r["prefill_s"]
-    print(f"[{backend}] prefill: {len(lens)} prompts, {sum(lens)} tokens in "
-          f"{r['prefill_s'] * 1e3:.1f} ms ({r['prefill_tok_per_s']:,.0f} tok/s; compile "
-          f"{r['prefill_compile_s']:.1f} s)", flush=True)
-
-    steps = new_tokens - 1
-    print(f"[{backend}] decode: compiling {steps} steps ...", flush=True)
-    t0 = time.perf_counter()
+    first_spec = jax.ShapeDtypeStruct((len(lens),), jnp.int32)
     lowered["decode"] = generate.decode.lower(
-        params, cache, first, k2, cfg=cfg, steps=steps, backend=backend, sampler=sampler,
+        params, cache, first_spec, k2, cfg=cfg, steps=steps, backend=backend, sampler=sampler,
         eos_id=args.eos_id, progress_every=every)
     run_decode = lowered["decode"].compile()
     r["decode_compile_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cache, rest, steps_run, _ = run_decode(params, cache, first, k2)
-    rest.block_until_ready()
-    r["decode_s"] = time.perf_counter() - t0
-    n = int(steps_run)
-    r["decode_steps"] = n
-    r["decode_tok_per_s"] = len(lens) * n / r["decode_s"] if n else 0.0
-    r["step_ms"] = r["decode_s"] / max(n, 1) * 1e3
-    print(f"[{backend}] decode: {n} steps x {len(lens)} sequences in {r['decode_s']:.2f} s "
-          f"({r['step_ms']:.2f} ms/step, {r['decode_tok_per_s']:,.0f} tok/s; compile "
-          f"{r['decode_compile_s']:.1f} s)", flush=True)
+    print(f"[{backend}] compiled in {r['prefill_compile_s']:.1f} s (prefill) + "
+          f"{r['decode_compile_s']:.1f} s (decode)", flush=True)
+
+    for it in range(args.warmup + 1):
+        timed = it == args.warmup
+        tag = f"[{backend}]" if timed else f"[{backend}] warm-up:"
+        if it:  # the previous run's cache goes first (memory)
+            del cache
+            cache = kv_cache.init_cache(cfg, capacity, args.page_size, args.seed)
+        t0 = time.perf_counter()
+        cache, first, _ = run_prefill(params, cache, tokens, batch, k1)
+        first.block_until_ready()
+        r["prefill_s"] = time.perf_counter() - t0
+        r["prefill_tok_per_s"] = sum(lens) / r["prefill_s"]
+        print(f"{tag} prefill: {len(lens)} prompts, {sum(lens)} tokens in "
+              f"{r['prefill_s'] * 1e3:.1f} ms ({r['prefill_tok_per_s']:,.0f} tok/s)", flush=True)
+        t0 = time.perf_counter()
+        cache, rest, steps_run, _ = run_decode(params, cache, first, k2)
+        rest.block_until_ready()
+        r["decode_s"] = time.perf_counter() - t0
+        n = r["decode_steps"] = int(steps_run)
+        r["decode_tok_per_s"] = len(lens) * n / r["decode_s"] if n else 0.0
+        r["step_ms"] = r["decode_s"] / max(n, 1) * 1e3
+        print(f"{tag} decode: {n} steps x {len(lens)} sequences in {r['decode_s']:.2f} s "
+              f"({r['step_ms']:.2f} ms/step, {r['decode_tok_per_s']:,.0f} tok/s)", flush=True)
     out = np.concatenate([np.asarray(first)[:, None], np.asarray(rest)[:, :n]], axis=1)
     del cache
     return r, out, lowered
@@ -216,14 +224,14 @@ def main(argv=None):
             if args.assert_fa4:
                 failed += paths.check_all_fa4(cfg, raw, lowered)
         runs.append(r)
-        print(f"[{backend}] first tokens: " + "; ".join(
+        print(f"[{backend}] first tokens (random weights: meaningless): " + "; ".join(
             " ".join(str(t) for t in row[:8]) for row in tokens[backend][:4]), flush=True)
 
     print_summary(cfg, runs)
     summary = dict(date=time.strftime("%Y-%m-%d"), device=dev.device_kind,
                    jax=jax.__version__, preset=args.preset, config=dataclasses.asdict(cfg),
                    prompt_lens=lens, new_tokens=new_tokens, page_size=args.page_size,
-                   prefill=args.prefill, runs=runs)
+                   prefill=args.prefill, warmup=args.warmup, runs=runs)
     if len(tokens) > 1:
         a, b = list(tokens.values())[:2]
         n = min(a.shape[1], b.shape[1])
