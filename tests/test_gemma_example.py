@@ -22,6 +22,7 @@ import jax_fa4
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import requires_compiler  # noqa: E402
+from test_gpu_forward import _has_sm90  # noqa: E402
 from examples.gemma import cache as kv_cache  # noqa: E402
 from examples.gemma import checkpoint, generate, model, paths, run  # noqa: E402
 from examples.gemma.config import PRESETS  # noqa: E402
@@ -212,14 +213,6 @@ def test_every_attention_call_lowers_to_the_kernel_for_cuda():
 
 
 # --- GPU ---------------------------------------------------------------------------
-
-def _has_sm90() -> bool:
-    try:
-        return any(str(getattr(d, "compute_capability", "")).startswith("9")
-                   for d in jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_sm90(), reason="needs an SM90 (Hopper) GPU")
