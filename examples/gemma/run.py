@@ -88,6 +88,8 @@ def parse_args(argv=None):
     for name in args.attention.split(","):
         if name not in ("jax_fa4", "xla"):
             p.error(f"--attention: unknown backend {name!r} (jax_fa4, xla)")
+    if args.assert_fa4 and "jax_fa4" not in args.attention.split(","):
+        p.error("--assert-fa4 checks the jax_fa4 attention: add jax_fa4 to --attention")
     return args
 
 
@@ -160,16 +162,14 @@ def run_backend(backend, params, cfg, prompts, new_tokens, args, sampler):
     return r, out, lowered
 
 
-def attention_report(cfg, lens, new_tokens, args, backend):
-    """{(phase, kind): reason or None} for the jax_fa4 calls; xla: its own path."""
+def explain_attention(cfg, lens, new_tokens, args):
+    """{(phase, kind): None if the FA4 kernel takes that jax_fa4 call, else why not}."""
     table, num_pages = kv_cache.allocate_pages([n + new_tokens for n in lens], args.page_size)
     calls = paths.attention_calls(cfg, batch=len(lens), total_prefill=sum(lens),
                                   max_prompt=max(lens), num_pages=num_pages,
                                   page_size=args.page_size, max_pages=table.shape[1],
                                   prefill=args.prefill)
-    if backend == "xla":
-        return {key: "xla (jnp attention on the gathered cache)" for key in calls}
-    return {key: paths.describe(r) for key, r in paths.explain_paths(calls).items()}, calls
+    return paths.explain_paths(calls)
 
 
 def print_summary(cfg, runs):
@@ -200,6 +200,11 @@ def main(argv=None):
     print(f"batch {len(lens)}, prompt lengths {lens}, {new_tokens} new tokens, "
           f"page size {args.page_size}, prefill via {args.prefill}", flush=True)
 
+    reasons = explain_attention(cfg, lens, new_tokens, args)
+    failed = paths.check_all_fa4(cfg, reasons, {}) if args.assert_fa4 else []
+    if failed:
+        _fail_assert(failed)  # known before compiling anything
+
     t0 = time.perf_counter()
     params = model.init_params(cfg, args.seed)
     jax.block_until_ready(params)
@@ -207,22 +212,19 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(2, cfg.vocab_size, n).astype(np.int32) for n in lens]
 
-    runs, tokens, failed = [], {}, []
+    runs, tokens = [], {}
     for backend in args.attention.split(","):
-        report = attention_report(cfg, lens, new_tokens, args, backend)
-        reasons = report[0] if backend == "jax_fa4" else report
-        if backend == "jax_fa4" and args.assert_fa4:
-            raw = paths.explain_paths(report[1])
-            early = paths.check_all_fa4(cfg, raw, {})
-            if early:  # known before compiling anything
-                _fail_assert(early)
         r, tokens[backend], lowered = run_backend(backend, params, cfg, prompts, new_tokens,
                                                   args, sampler)
-        r["paths"] = {f"{ph}/{kind}": why for (ph, kind), why in reasons.items()}
-        if backend == "jax_fa4":
+        if backend == "xla":
+            r["paths"] = {f"{ph}/{kind}": "xla (jnp attention on the gathered cache)"
+                          for ph, kind in reasons}
+        else:
+            r["paths"] = {f"{ph}/{kind}": paths.describe(why)
+                          for (ph, kind), why in reasons.items()}
             r["kernel_calls"] = {ph: paths.count_kernel_calls(low) for ph, low in lowered.items()}
             if args.assert_fa4:
-                failed += paths.check_all_fa4(cfg, raw, lowered)
+                failed += paths.check_all_fa4(cfg, {}, lowered)
         runs.append(r)
         print(f"[{backend}] first tokens (random weights: meaningless): " + "; ".join(
             " ".join(str(t) for t in row[:8]) for row in tokens[backend][:4]), flush=True)
@@ -236,7 +238,7 @@ def main(argv=None):
         a, b = list(tokens.values())[:2]
         n = min(a.shape[1], b.shape[1])
         summary["token_agreement"] = float((a[:, :n] == b[:, :n]).mean())
-        print(f"\ngreedy tokens agree between {' and '.join(list(tokens)[:2])}: "
+        print(f"\ntokens agree between {' and '.join(list(tokens)[:2])}: "
               f"{summary['token_agreement']:.1%}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
