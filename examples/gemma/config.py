@@ -76,3 +76,10 @@ PRESETS = {
                         local_head_dim=32, local_kv_heads=2, window=16, global_head_dim=64,
                         global_kv_heads=1),
 }
+
+# The CLI's default generation per preset: (prompt lengths, new tokens per sequence).
+DEFAULT_RUNS = {
+    "tiny": ([40, 17, 64, 5], 32),
+    "mid": ([8192, 7168, 6144, 5120, 4096, 3072, 2048, 1024], 256),
+    "31b": ([8192, 7168, 6144, 5120, 4096, 3072, 2048, 1024], 256),
+}

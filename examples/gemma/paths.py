@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 import jax_fa4
 
+from .cache import allocate_pages
 from .config import GemmaConfig
 
 KERNEL_TARGET = "@jax_fa4_cute_call"  # the FFI custom call of the FA4 kernels
@@ -40,6 +41,17 @@ def attention_calls(cfg: GemmaConfig, *, batch: int, total_prefill: int, max_pro
         out[("decode", kind)] = ("paged_attention", dict(
             q=sds((batch, 1, n, h), cfg.dtype), **paged, **common))
     return out
+
+
+def generation_calls(cfg: GemmaConfig, prompt_lens, new_tokens: int, page_size: int,
+                     prefill: str = "varlen"):
+    """attention_calls for a generation of these prompts (pages as cache.init_cache
+    allocates them)."""
+    capacity = [n + new_tokens for n in prompt_lens]
+    table, num_pages = allocate_pages(capacity, page_size)
+    return attention_calls(cfg, batch=len(prompt_lens), total_prefill=sum(prompt_lens),
+                           max_prompt=max(prompt_lens), num_pages=num_pages,
+                           page_size=page_size, max_pages=table.shape[1], prefill=prefill)
 
 
 def explain_paths(calls) -> dict:

@@ -46,15 +46,8 @@ import numpy as np  # noqa: E402
 
 from examples.gemma import cache as kv_cache  # noqa: E402
 from examples.gemma import generate, model, paths  # noqa: E402
-from examples.gemma.config import PRESETS  # noqa: E402
+from examples.gemma.config import DEFAULT_RUNS, PRESETS  # noqa: E402
 from examples.gemma.sampler import SamplerConfig  # noqa: E402
-
-DEFAULTS = {  # preset -> (prompt lengths, new tokens)
-    "tiny": ("40,17,64,5", 32),
-    "mid": ("8192,7168,6144,5120,4096,3072,2048,1024", 256),
-    "31b": ("8192,7168,6144,5120,4096,3072,2048,1024", 256),
-}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m examples.gemma", description=__doc__,
@@ -97,8 +90,8 @@ def setup(args):
     cfg = PRESETS[args.preset]
     over = {k: v for k, v in dict(num_layers=args.layers, dtype=args.dtype).items() if v}
     cfg = dataclasses.replace(cfg, **over)
-    lens_s, new = DEFAULTS[args.preset]
-    lens = [int(x) for x in (args.prompt_lens or lens_s).split(",")]
+    lens, new = DEFAULT_RUNS[args.preset]
+    lens = [int(x) for x in args.prompt_lens.split(",")] if args.prompt_lens else lens
     batch = args.batch or len(lens)
     lens = [lens[i % len(lens)] for i in range(batch)]
     return cfg, lens, args.new_tokens or new
@@ -164,12 +157,8 @@ def run_backend(backend, params, cfg, prompts, new_tokens, args, sampler):
 
 def explain_attention(cfg, lens, new_tokens, args):
     """{(phase, kind): None if the FA4 kernel takes that jax_fa4 call, else why not}."""
-    table, num_pages = kv_cache.allocate_pages([n + new_tokens for n in lens], args.page_size)
-    calls = paths.attention_calls(cfg, batch=len(lens), total_prefill=sum(lens),
-                                  max_prompt=max(lens), num_pages=num_pages,
-                                  page_size=args.page_size, max_pages=table.shape[1],
-                                  prefill=args.prefill)
-    return paths.explain_paths(calls)
+    return paths.explain_paths(paths.generation_calls(cfg, lens, new_tokens, args.page_size,
+                                                      args.prefill))
 
 
 def print_summary(cfg, runs):
