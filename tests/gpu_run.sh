@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, bench, paged, sweep, loop; default tests,bench) with precompiled
+# (comma-separated: tests, bench, paged, sweep, loop, gemma; default tests,bench) with precompiled
 # kernels from .device/kernels.  Logs and JSON go to $OUT.
 set -u
 what=",${1:-tests,bench},"
@@ -45,5 +45,16 @@ if [[ $what == *,loop,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_decode_loop.py \
     --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,gemma,* ]]; then
+  # The Gemma example, mid preset (12 layers of the 31B shapes): jax_fa4, then the plain-XLA
+  # attention (its prefill takes about a minute, so no warm-up run: one-time costs vanish).
+  for att in jax_fa4 xla; do
+    warm=1; [ $att = xla ] && warm=0
+    timeout ${BENCH_TIMEOUT:-3000} python3 -u -m examples.gemma --preset mid --attention $att \
+      --warmup $warm --progress-every 0 --json "$OUT/gemma_mid_$att.json" ${GEMMA_ARGS:-} \
+      2>&1 | tee "$OUT/gemma_$att.log" | quiet
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  done
 fi
 exit $rc
