@@ -189,8 +189,8 @@ def _lower(num_splits, sinks=False):
             SDS((b,), jnp.int32)]
     kw = dict(sinks=SDS((16,), jnp.float32)) if sinks else {}
     f = functools.partial(jax_fa4.paged_attention, is_causal=True, implementation="fa4",
-                          num_splits=num_splits, local_window_size=(100, 0), **kw)
-    return jax.jit(f).trace(*args, ).lower(lowering_platforms=("cuda",)).as_text()
+                          num_splits=num_splits, local_window_size=(100, 0))
+    return jax.jit(f).trace(*args, **kw).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _call_line(text):
