@@ -5,10 +5,13 @@
 
 One query token per sequence, 32 query / 4 KV heads (GQA 8), page 64, bf16, causal;
 batch {1, 8, 64} x seqused {1k, 8k, 32k, 128k} x hdim {128, 256}.  Bandwidth = bytes of
-K and V read (2 * b * seqused * 4 * hdim * 2) / time per call.  Each timing runs R
-calls inside one jitted fori_loop (the output feeds the next query, so calls cannot
-be merged) and divides: a separately dispatched call costs ~60-90 us of host overhead,
-more than a whole split decode call at b1 x 32k.
+K and V read (2 * b * seqused * 4 * hdim * 2) / time per call.  Each timing runs a
+chain of R calls unrolled in one jitted program (the output feeds the next query, so
+calls cannot be merged) and divides: a separately dispatched call costs ~60-90 us of
+host overhead and a fori_loop iteration ~30 us (XLA reads the loop predicate on the
+host), both more than a whole split decode call at b1 x 32k.  Pools over 2**31
+elements (the kernels' int32 indexing) are skipped.  A sweep of forced split counts
+follows the table.
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ import jax_fa4
 from jax_fa4 import varlen
 
 HEADS, KV_HEADS, PAGE = 32, 4, 64
-BATCHES, LENGTHS, HDIMS = (1, 8, 64), (1024, 8192, 32768, 131072), (128, 256)
+BATCHES, LENGTHS, HDIMS = (1, 8, 64), (1024, 4096, 8192, 32768, 131072), (128, 256)
+SWEEP = [(1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 1024)]  # hdim 128
+SWEEP_SPLITS = (1, 2, 4, 8, 16, 24, 33, 48, 66, 99, 128)
 XLA_MAX_TOKENS = 8 * 32768  # the pure-JAX path gathers every page: memory and time
 
 
@@ -48,11 +53,13 @@ def _spec(x):
     return jax.ShapeDtypeStruct(x[0], np.dtype(x[1]))
 
 
-def time_loop(fn, q, args, reps, calls=10):
-    """Seconds per call of fn(q, *args), R=`calls` calls chained in one jitted loop."""
+def time_loop(fn, q, args, reps, calls=8):
+    """Seconds per call of fn(q, *args), R=`calls` calls chained in one jitted program."""
     @jax.jit
     def loop(q, *args):
-        return jax.lax.fori_loop(0, calls, lambda i, q: fn(q, *args).astype(q.dtype), q)
+        for _ in range(calls):
+            q = fn(q, *args).astype(q.dtype)
+        return q
 
     jax.block_until_ready(loop(q, *args))
     times = []
@@ -76,6 +83,8 @@ def main():
     for hd in map(int, args.hdims.split(",")):
         for b in BATCHES:
             for s in LENGTHS:
+                if b * s * KV_HEADS * hd >= 2**31:
+                    continue
                 max_pages = s // PAGE
                 pages = b * max_pages
                 key = jax.random.PRNGKey(b * 7 + s)
@@ -104,6 +113,17 @@ def main():
                         row.setdefault("errors", {})[name] = str(e)[:200]
                 res["rows"].append(row)
                 print("decode", row, flush=True)
+                if hd == 128 and (b, s) in SWEEP:
+                    sw = {}
+                    for ns in SWEEP_SPLITS:
+                        if ns * b > 65535 or ns > s // 128:
+                            continue
+                        fn = functools.partial(jax_fa4.paged_attention, is_causal=True,
+                                               implementation="fa4", num_splits=ns)
+                        sw[ns] = round(nbytes / time_loop(fn, q, (kc, vc, table, used),
+                                                          args.reps) / 1e12, 3)
+                    res.setdefault("sweep", []).append(dict(b=b, seqused=s, tb_s=sw))
+                    print("sweep", b, s, sw, flush=True)
                 del kc, vc
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     json.dump(res, open(args.out, "w"), indent=1)
