@@ -26,10 +26,10 @@ from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90  # noqa: E4
 _DTYPES = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}
 
 
-def _fa4_kernel(v: ForwardVariant, cls=FlashAttentionForwardSm90) -> FlashAttentionForwardSm90:
+def _fa4_kernel(v: ForwardVariant) -> FlashAttentionForwardSm90:
     t = v.tile
     score_mod = fa_utils.create_softcap_scoremod(v.softcap) if v.softcap is not None else None
-    return cls(
+    return FlashAttentionForwardSm90(
         _DTYPES[v.dtype],
         v.head_dim,
         v.head_dim_v,

@@ -2,8 +2,9 @@
 restricted to one slice of the key blocks, writing float32 partial O and LSE.
 
 FA4 4.0.0b36's SM90 kernel has no split-KV (BlockInfo gets is_split_kv=False and the
-scheduler num_splits=1).  Rather than copy its kernel, this subclass changes three
-things around it:
+scheduler num_splits=1).  Rather than copy its kernel, SplitKVMixin, mixed into the
+class of the kernel object forward.py builds for the variant, changes three things
+around it:
 
 * Virtual sequences.  The launcher presents S*B sequences (index vb = s*B + b): q's
   batch extent is S*B (only ever indexed with the real b, see _SplitSeqlenInfo), and
@@ -34,7 +35,6 @@ from .split import SplitVariant
 from cutlass import Float32, Int32  # noqa: E402
 from cutlass.cute.runtime import make_ptr  # noqa: E402
 from flash_attn.cute.block_info import BlockInfo  # noqa: E402
-from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90  # noqa: E402
 from flash_attn.cute.seqlen_info import SeqlenInfoQK  # noqa: E402
 from quack import layout_utils  # noqa: E402
 
@@ -92,8 +92,8 @@ class _SplitBlockInfo(BlockInfo):
         return n_min, n_max
 
 
-def _rebind(method, self, args, kwargs, **replace):
-    bound = inspect.signature(method).bind(self, *args, **kwargs)
+def _rebind(method, args, kwargs, **replace):
+    bound = inspect.signature(method).bind(*args, **kwargs)
     bound.arguments.update(replace)
     return bound.args, bound.kwargs
 
@@ -102,25 +102,28 @@ def _scale(stride, k):
     return tuple(_scale(s, k) for s in stride) if isinstance(stride, tuple) else stride * k
 
 
-class FlashAttentionForwardSm90Split(FlashAttentionForwardSm90):
+class SplitKVMixin:
+    """Turns an FA4 SM90 forward kernel (FlashAttentionForwardSm90 or a subclass, e.g.
+    a larger-head-dim one) into its split-KV form; see the module docstring."""
+
     def _split_block_info(self, block_info):
         fields = {f.name: getattr(block_info, f.name) for f in dataclasses.fields(BlockInfo)}
         return _SplitBlockInfo(**fields)
 
     def load(self, *args, **kwargs):
-        base = FlashAttentionForwardSm90.load
-        a = inspect.signature(base).bind(self, *args, **kwargs).arguments
-        args, kwargs = _rebind(base, self, args, kwargs,
+        base = super().load
+        a = inspect.signature(base).bind(*args, **kwargs).arguments
+        args, kwargs = _rebind(base, args, kwargs,
                                block_info=self._split_block_info(a["block_info"]),
                                SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
         return base(*args, **kwargs)
 
     def mma(self, *args, **kwargs):
-        base = FlashAttentionForwardSm90.mma
-        a = inspect.signature(base).bind(self, *args, **kwargs).arguments
+        base = super().mma
+        a = inspect.signature(base).bind(*args, **kwargs).arguments
         # The epilogue (called from mma) needs the split's block range.
         self._split_bi = self._split_block_info(a["block_info"])
-        args, kwargs = _rebind(base, self, args, kwargs, block_info=self._split_bi,
+        args, kwargs = _rebind(base, args, kwargs, block_info=self._split_bi,
                                SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
         return base(*args, **kwargs)
 
@@ -160,9 +163,17 @@ class FlashAttentionForwardSm90Split(FlashAttentionForwardSm90):
                     mLSE_cur[row0 + r] = lse[m] if has_work else -Float32.inf
 
 
+def split_kernel(fa):
+    """`fa` (an FA4 SM90 forward kernel object) with the split-KV overrides: its class
+    becomes a subclass of SplitKVMixin and the original class."""
+    cls = type(fa)
+    fa.__class__ = type(cls.__name__ + "Split", (SplitKVMixin, cls), {})
+    return fa
+
+
 def _make_launcher(sv: SplitVariant):
     v = sv.base
-    fa = _fa4_kernel(v, cls=FlashAttentionForwardSm90Split)
+    fa = split_kernel(_fa4_kernel(v))
     fa.out_head_dim_v = v.head_dim_v
     local = v.mask == "local"
     ops = operands(v)
