@@ -12,6 +12,7 @@ import dataclasses
 import jax
 
 from .kernels.config import ForwardVariant, sm90_forward_tile
+from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
 from .kernels.split import choose_num_splits, split_variant
 
 _INT32_MAX = 2**31 - 1
@@ -122,6 +123,11 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
     a KV head fit one tile) the heuristic from the grid FA4 would launch (KV heads x
     batch) and the key blocks of the longest possible sequence."""
     v = plan.variant
+    if max(v.head_dim, v.head_dim_v) > SPLIT_MAX_HEAD_DIM:
+        if num_splits not in (None, 1):
+            raise ValueError(f"num_splits={num_splits}: split-KV supports head dims up to "
+                             f"{SPLIT_MAX_HEAD_DIM}")
+        return plan
     if num_splits is None:
         rows = seq_q * (v.qhead_per_kvhead if v.pack_gqa else 1)
         # Automatic only for decode-like calls: one query tile per (sequence, KV head).

@@ -16,8 +16,8 @@ around it:
   at most one block).  Masks use absolute key positions, so causal masks, windows and
   the seqlen mask stay right in every split.  A split with no blocks gets one block
   (so loads and MMAs stay paired) whose result the epilogue discards.
-* Epilogue.  Writes float32 O (unnormalized by other splits) and LSE per split into
-  the workspace (kernels/split.py), LSE -inf and O 0 for an empty split.
+* Epilogue.  Writes float32 O (normalized over the split's own keys) and LSE per split
+  into the workspace (kernels/split.py), LSE -inf and O 0 for an empty split.
 
 The launcher passes the LSE region as FA4's `mLSE` (float32, (S*B, N, Tq)); O's region
 follows it, so the epilogue finds it from mLSE's pointer and size.
@@ -27,16 +27,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from .config import ForwardVariant  # noqa: F401  (documentation)
+# forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
 from .forward import _DTYPES, _PTR_ALIGN, _fa4_kernel, _row_major, cuda, cute, cutlass
 from .forward_abi import operands, size_dims
 from .split import SplitVariant
 
-from cutlass import Float32, Int32  # noqa: E402
-from cutlass.cute.runtime import make_ptr  # noqa: E402
-from flash_attn.cute.block_info import BlockInfo  # noqa: E402
-from flash_attn.cute.seqlen_info import SeqlenInfoQK  # noqa: E402
-from quack import layout_utils  # noqa: E402
+from cutlass import Float32, Int32
+from cutlass.cute.runtime import make_ptr
+from flash_attn.cute.block_info import BlockInfo
+from flash_attn.cute.seqlen_info import SeqlenInfoQK
+from quack import layout_utils
 
 
 @dataclasses.dataclass(frozen=True)
