@@ -29,10 +29,11 @@ _MAX_PAGES = (CONTEXT + STEPS) // PAGE + 1
 CALLS = [dict(fn="paged_attention", q=((B, 1, HEADS, HDIM), "bfloat16"),
               k_cache=((B * _MAX_PAGES, PAGE, KV_HEADS, HDIM), "bfloat16"),
               v_cache=((B * _MAX_PAGES, PAGE, KV_HEADS, HDIM), "bfloat16"),
-              page_table=((B, _MAX_PAGES), "int32"), seqused_k=((B,), "int32"), is_causal=True)]
+              page_table=((B, _MAX_PAGES), "int32"), seqused_k=((B,), "int32"), is_causal=True,
+              num_splits=ns) for ns in (None, 1)]
 
 
-def run_one(reps: int) -> dict:
+def run_one(reps: int, num_splits: int | None) -> dict:
     import functools
 
     import jax
@@ -58,7 +59,7 @@ def run_one(reps: int) -> dict:
             kv = (q.reshape(B, -1) @ wk).reshape(B, 1, KV_HEADS, HDIM)
             kc, vc = jax_fa4.update_paged_cache(kc, vc, kv, kv, table, pos)
             o = jax_fa4.paged_attention(q, kc, vc, table, pos[:, 0] + 1, is_causal=True,
-                                        implementation="fa4")
+                                        implementation="fa4", num_splits=num_splits)
             return kc, vc, o
         return jax.lax.fori_loop(0, STEPS, step, (kc, vc, q))
 
@@ -79,15 +80,20 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/decode_loop.json")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--num-splits", type=int, default=None,
+                   help="paged_attention's num_splits (default: its heuristic)")
+    p.add_argument("--settings", default="all", help="'all' or 'off' (command buffers off)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.reps)))
+        print(json.dumps(run_one(args.reps, args.num_splits)))
         return
     results = {}
-    for name, flags in SETTINGS.items():
+    settings = SETTINGS if args.settings == "all" else {"off": SETTINGS["off"]}
+    for name, flags in settings.items():
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-        r = subprocess.run([sys.executable, __file__, "--child", "--reps", str(args.reps)],
+        extra = [] if args.num_splits is None else ["--num-splits", str(args.num_splits)]
+        r = subprocess.run([sys.executable, __file__, "--child", "--reps", str(args.reps)] + extra,
                            env=env, capture_output=True, text=True, timeout=600)
         if r.returncode:
             results[name] = dict(error=r.stderr[-1500:])
@@ -98,7 +104,8 @@ def main():
 
     out = dict(device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
                config=dict(batch=B, heads=HEADS, kv_heads=KV_HEADS, hdim=HDIM, page=PAGE,
-                           context=CONTEXT, steps=STEPS), results=results)
+                           context=CONTEXT, steps=STEPS, num_splits=args.num_splits),
+               results=results)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     json.dump(out, open(args.out, "w"), indent=1)
     print(f"wrote {args.out}")

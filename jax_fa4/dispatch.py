@@ -12,6 +12,8 @@ import dataclasses
 import jax
 
 from .kernels.config import ForwardVariant, sm90_forward_tile
+from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
+from .kernels.split import choose_num_splits, split_variant
 
 _INT32_MAX = 2**31 - 1
 
@@ -40,6 +42,12 @@ class KernelPlan:
     variant: ForwardVariant
     window_left: int  # runtime window bounds in FA4's bottom-right convention
     window_right: int
+    num_splits: int = 1  # > 1: split-KV kernel (kernels/split.py) + combine
+
+    @property
+    def kernel_variant(self):
+        """The compiled object this plan runs: `variant`, or its split-KV kernel."""
+        return self.variant if self.num_splits == 1 else split_variant(self.variant)
 
 
 class Unsupported(Exception):
@@ -105,7 +113,27 @@ def plan_dense(c: DenseCall) -> KernelPlan:
                 f"with seq_q={c.seq_q} and seq_k={c.seq_k} the {name} window bound is "
                 f"{w} in FA4's bottom-right-aligned convention; the kernel needs >= 0"
             )
-    return _kernel_plan(c, (fa_left, fa_right), cap=c.seq_k + c.seq_q)
+    plan = _kernel_plan(c, (fa_left, fa_right), cap=c.seq_k + c.seq_q)
+    return _with_splits(plan, c.batch, c.heads_k, c.seq_q, c.seq_k, None)
+
+
+def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq_k: int,
+                 num_splits: int | None) -> KernelPlan:
+    """`plan` with its split count: `num_splits` if given, else (when all query rows of
+    a KV head fit one tile) the heuristic from the grid FA4 would launch (KV heads x
+    batch) and the key blocks of the longest possible sequence."""
+    v = plan.variant
+    if max(v.head_dim, v.head_dim_v) > SPLIT_MAX_HEAD_DIM:
+        if num_splits not in (None, 1):
+            raise ValueError(f"num_splits={num_splits}: split-KV supports head dims up to "
+                             f"{SPLIT_MAX_HEAD_DIM}")
+        return plan
+    if num_splits is None:
+        rows = seq_q * (v.qhead_per_kvhead if v.pack_gqa else 1)
+        # Automatic only for decode-like calls: one query tile per (sequence, KV head).
+        num_splits = 1 if rows > v.tile.tile_m else choose_num_splits(
+            batch, heads_k, 1, -(-max_seq_k // v.tile.tile_n))
+    return dataclasses.replace(plan, num_splits=num_splits)
 
 
 def _kernel_plan(c, window, *, cap: int, **layout) -> KernelPlan:
@@ -149,6 +177,8 @@ class VarlenCall:
     has_seqused_q: bool = False
     has_seqused_k: bool = False
     page_size: int | None = None
+    max_pages: int | None = None  # page table columns (paged)
+    num_splits: int | None = None  # split-KV override (None: heuristic)
 
 
 # Cap on windows passed to the kernel: larger bounds change nothing (sequences are
@@ -177,9 +207,18 @@ def plan_varlen(c: VarlenCall) -> KernelPlan:
         elif c.head_dim % 16 or c.head_dim_v % 16:
             raise Unsupported("paged KV with page_size != tile_n uses FA4's cp.async path, "
                               "which needs head dims that are multiples of 16")
-    return _kernel_plan(c, c.window, cap=_WINDOW_CAP, q_layout=c.q_layout,
+    plan = _kernel_plan(c, c.window, cap=_WINDOW_CAP, q_layout=c.q_layout,
                         kv_layout=c.kv_layout, has_seqused_q=c.has_seqused_q,
                         has_seqused_k=c.has_seqused_k, paged_tma=paged_tma, tile=tile)
+    # Split-KV serves dense (B, Tq, N, H) queries against a paged cache.
+    if c.q_layout != "dense" or c.kv_layout != "paged":
+        if c.num_splits not in (None, 1):
+            raise ValueError(f"num_splits={c.num_splits}: split-KV needs dense queries "
+                             "(B, Tq, N, H) and a paged KV cache (paged_attention without "
+                             "cu_seqlens_q)")
+        return plan
+    return _with_splits(plan, c.batch, c.heads_k, c.total_q // c.batch,
+                        c.max_pages * c.page_size, c.num_splits)
 
 
 def platform_reason(platform: str | None) -> str | None:

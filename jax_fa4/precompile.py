@@ -26,6 +26,7 @@ import sys
 import time
 
 from .kernels.config import ForwardVariant
+from .kernels.split import SplitVariant
 
 
 def _split(s: str) -> list[str]:
@@ -82,7 +83,7 @@ def variants_from_calls(path: str) -> list[ForwardVariant]:
             call["sinks"] = jax.ShapeDtypeStruct((heads,), np.float32)
         try:
             plan = kernel_plan(**call) if fn == "attention" else varlen.kernel_plan(fn, **call)
-            out.append(plan.variant)
+            out.append(plan.kernel_variant)
         except Unsupported as e:
             print(f"  (falls back, nothing to build: {e})", file=sys.stderr)
     return out
@@ -91,7 +92,8 @@ def variants_from_calls(path: str) -> list[ForwardVariant]:
 def _build(variant_dict: dict) -> tuple[str, float, int]:
     from .kernels.cache import get_object
 
-    v = ForwardVariant.from_dict(variant_dict)
+    v = (SplitVariant if variant_dict.get("kind") == "sm90_forward_split"
+         else ForwardVariant).from_dict(variant_dict)
     t0 = time.perf_counter()
     obj = get_object(v)
     return v.describe(), time.perf_counter() - t0, len(obj)

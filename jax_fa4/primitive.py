@@ -22,7 +22,7 @@ import numpy as np
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
-from . import fallback
+from . import fallback, split_kv
 from .dispatch import KernelPlan, device_reason
 from .ffi_target import TARGET, ensure_registered
 from .kernels import MissingKernelError, get_object
@@ -107,7 +107,7 @@ def _lower_cuda(ctx, *args, params: FwdParams):
     obj = None
     if reason is None:
         try:
-            obj = get_object(plan.variant)
+            obj = get_object(plan.kernel_variant)
         except MissingKernelError as e:
             reason = str(e)
     if reason is not None:
@@ -115,6 +115,8 @@ def _lower_cuda(ctx, *args, params: FwdParams):
             raise NotImplementedError(f"jax_fa4: implementation='fa4' cannot run: {reason}")
         warnings.warn(f"jax_fa4: falling back to pure JAX attention: {reason}", stacklevel=2)
         return _lower_fallback(ctx, *args, params=params, platform="cuda")
+    if plan.num_splits > 1:
+        return split_kv.lower(ctx, *args, params=params, obj=obj)
     return jax.ffi.ffi_lowering(TARGET)(
         ctx,
         *args,

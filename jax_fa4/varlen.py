@@ -19,6 +19,7 @@ from . import fallback
 from .api import _as_array, _scalar, _sinks, _window
 from .autodiff import fa4_call
 from .dispatch import Unsupported, VarlenCall, plan_varlen, platform_reason
+from .kernels.split import check_num_splits
 from .primitive import FwdParams
 
 _IMPLEMENTATIONS = (None, "fa4", "xla")
@@ -94,7 +95,7 @@ def _run(kind, call: VarlenCall, args: dict, scale, window, softcap, max_seqlen_
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k,
                      seqused_q=None, seqused_k=None, scale=None, is_causal=False,
                      local_window_size=None, logits_soft_cap=None, sinks=None,
-                     implementation=None, return_residual=False):
+                     implementation=None, return_residual=False, num_splits=None):
     """Attention over a packed batch of sequences of different lengths.
 
     q (total_q, N, H), k (total_k, K, H), v (total_k, K, Hv); sequence b owns rows
@@ -102,18 +103,19 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
     if given), likewise for keys.  max_seqlen_q/k bound every sequence's length.
     Returns out (total_q, N, Hv) (rows outside every used range are zero) and, with
     return_residual, lse float32 (total_q, N).  implementation: None, 'fa4' or 'xla'
-    (jax_fa4's pure-JAX path).
+    (jax_fa4's pure-JAX path).  num_splits: split-KV slices (see paged_attention); packed
+    queries run unsplit, so only None or 1 are accepted here.
     """
     setup = _varlen_setup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           seqused_q, seqused_k, scale, is_causal, local_window_size,
-                          logits_soft_cap, sinks, implementation)
+                          logits_soft_cap, sinks, implementation, num_splits)
     o, lse = _run("varlen", *setup, implementation)
     return (o, lse.T) if return_residual else o
 
 
 def _varlen_setup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
                   seqused_k, scale, is_causal, local_window_size, logits_soft_cap, sinks,
-                  implementation):
+                  implementation, num_splits=None):
     """Validates a varlen call -> (VarlenCall, operands, scale, window, softcap, max_q, max_k)."""
     q, k, v = (_as_array(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
@@ -141,14 +143,14 @@ def _varlen_setup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         total_q=q.shape[0], heads_q=q.shape[1], heads_k=k.shape[1], head_dim=q.shape[2],
         head_dim_v=v.shape[2], kv_rows=k.shape[0], window=window, softcap=softcap,
         has_sinks=sinks is not None, has_seqused_q=seqused_q is not None,
-        has_seqused_k=seqused_k is not None)
+        has_seqused_k=seqused_k is not None, num_splits=check_num_splits(num_splits, b))
     return call, args, scale, window, softcap, max_q, max_k
 
 
 def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=None,
                     max_seqlen_q=None, scale=None, is_causal=False, local_window_size=None,
                     logits_soft_cap=None, sinks=None, implementation=None,
-                    return_residual=False, check_page_indices=False):
+                    return_residual=False, check_page_indices=False, num_splits=None):
     """Attention of queries against a paged KV cache.
 
     k_cache (num_pages, page_size, K, H), v_cache (num_pages, page_size, K, Hv);
@@ -163,12 +165,18 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
     check_page_indices=True the call first checks them on the host and raises.
     Returns out like q with Hv, and with return_residual lse float32 (B, Tq, N) or
     (total_q, N).
+
+    Decode (dense q whose query rows per KV head fit one kernel tile) runs split-KV:
+    each sequence's keys are cut into num_splits slices processed by separate thread
+    blocks, then merged.  num_splits=None picks the count from batch, KV heads and the
+    page table's capacity (kernels/split.py); 1 turns splitting off; an int > 1 forces
+    it (dense q only).
     """
     if not isinstance(check_page_indices, bool):
         raise ValueError(f"check_page_indices must be a bool, got {check_page_indices!r}")
     call, args, *rest = _paged_setup(q, k_cache, v_cache, page_table, seqused_k, cu_seqlens_q,
                                      max_seqlen_q, scale, is_causal, local_window_size,
-                                     logits_soft_cap, sinks, implementation)
+                                     logits_soft_cap, sinks, implementation, num_splits)
     if check_page_indices:
         args["page_table"] = _checked_page_table(
             args["page_table"], args["seqused_k"], num_pages=args["k"].shape[0],
@@ -180,7 +188,8 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
 
 
 def _paged_setup(q, k_cache, v_cache, page_table, seqused_k, cu_seqlens_q, max_seqlen_q, scale,
-                 is_causal, local_window_size, logits_soft_cap, sinks, implementation):
+                 is_causal, local_window_size, logits_soft_cap, sinks, implementation,
+                 num_splits=None):
     """Validates a paged call -> (VarlenCall, operands, scale, window, softcap, max_q, None)."""
     q, kc, vc = (_as_array(x, n) for x, n in ((q, "q"), (k_cache, "k_cache"),
                                               (v_cache, "v_cache")))
@@ -220,7 +229,8 @@ def _paged_setup(q, k_cache, v_cache, page_table, seqused_k, cu_seqlens_q, max_s
         kv_layout="paged", batch=b, total_q=int(np.prod(q.shape[:-2])), heads_q=q.shape[-2],
         heads_k=kc.shape[2], head_dim=q.shape[-1], head_dim_v=vc.shape[3],
         kv_rows=kc.shape[0] * kc.shape[1], window=window, softcap=softcap,
-        has_sinks=sinks is not None, has_seqused_k=True, page_size=kc.shape[1])
+        has_sinks=sinks is not None, has_seqused_k=True, page_size=kc.shape[1],
+        max_pages=pt.shape[1], num_splits=check_num_splits(num_splits, b))
     return call, args, scale, window, softcap, max_q, None
 
 

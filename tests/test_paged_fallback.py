@@ -42,7 +42,8 @@ def _one_call_signature(text):
     """(operand types, result types) of the single jax_fa4 custom call in `text`."""
     calls = [l for l in text.splitlines() if "@jax_fa4_cute_call" in l]
     assert len(calls) == 1
-    sig = re.search(r":\s*\(([^()]*)\)\s*->\s*\(([^()]*)\)\s*$", calls[0])
+    # one result (the split-KV workspace) is printed without parentheses
+    sig = re.search(r":\s*\(([^()]*)\)\s*->\s*\(?([^()]*?)\)?\s*$", calls[0])
     return sig.group(1).split(", "), sig.group(2).split(", ")
 
 

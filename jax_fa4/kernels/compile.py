@@ -9,6 +9,7 @@ import time
 
 from .cache import MissingKernelError
 from .config import CUTLASS_DSL_VERSION, FA4_VERSION, ForwardVariant
+from .split import SplitVariant
 
 logger = logging.getLogger("jax_fa4")
 
@@ -36,16 +37,21 @@ def check_toolchain() -> None:
         )
 
 
-def compile_variant(variant: ForwardVariant, *, verbose: bool = False) -> bytes:
+def compile_variant(variant: ForwardVariant | SplitVariant, *, verbose: bool = False) -> bytes:
     check_toolchain()
     t0 = time.perf_counter()
     msg = f"jax_fa4: compiling [{variant.describe()}]"
     if verbose:
         print(msg + " ...", file=sys.stderr, flush=True)
     logger.info(msg)
-    from .forward import compile_forward
+    if isinstance(variant, SplitVariant):
+        from .forward_split import compile_split
 
-    obj = compile_forward(variant)
+        obj = compile_split(variant)
+    else:
+        from .forward import compile_forward
+
+        obj = compile_forward(variant)
     dt = time.perf_counter() - t0
     logger.info("jax_fa4: compiled %s in %.1fs (%d bytes)", variant.symbol, dt, len(obj))
     if verbose:

@@ -1,0 +1,235 @@
+"""Split-KV SM90 forward: FA4's `FlashAttentionForwardSm90` with each thread block
+restricted to one slice of the key blocks, writing float32 partial O and LSE.
+
+FA4 4.0.0b36's SM90 kernel has no split-KV (BlockInfo gets is_split_kv=False and the
+scheduler num_splits=1).  Rather than copy its kernel, SplitKVMixin, mixed into the
+class of the kernel object forward.py builds for the variant, changes three things
+around it:
+
+* Virtual sequences.  The launcher presents S*B sequences (index vb = s*B + b): q's
+  batch extent is S*B (only ever indexed with the real b, see _SplitSeqlenInfo), and
+  seqused_k / page_table get stride-0 split modes, so FA4's own `seqused_k[vb]` and
+  `page_table[vb, n]` read sequence b.  FA4's scheduler then launches one block per
+  (query tile, KV head, split, sequence).
+* Block ranges.  `load` and `mma` receive a BlockInfo and SeqlenInfo factory whose
+  key-block range is split s's share of sequence b's range (balanced: shares differ by
+  at most one block).  Masks use absolute key positions, so causal masks, windows and
+  the seqlen mask stay right in every split.  A split with no blocks gets one block
+  (so loads and MMAs stay paired) whose result the epilogue discards.
+* Epilogue.  Writes float32 O (normalized over the split's own keys) and LSE per split
+  into the workspace (kernels/split.py), LSE -inf and O 0 for an empty split.
+
+The launcher passes the LSE region as FA4's `mLSE` (float32, (S*B, N, Tq)); O's region
+follows it, so the epilogue finds it from mLSE's pointer and size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+# forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
+from .forward import _DTYPES, _PTR_ALIGN, _fa4_kernel, _row_major, cuda, cute, cutlass
+from .forward_abi import operands, size_dims
+from .split import SplitVariant
+
+from cutlass import Float32, Int32
+from cutlass.cute.runtime import make_ptr
+from flash_attn.cute.block_info import BlockInfo
+from flash_attn.cute.seqlen_info import SeqlenInfoQK
+from quack import layout_utils
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitSeqlenInfo(SeqlenInfoQK):
+    """FA4's per-sequence info for virtual sequence vb, plus the real sequence and the
+    split.  Dense q/k/v are indexed with the real sequence."""
+
+    batch: Int32 = None
+    split: Int32 = None
+    num_splits: Int32 = None
+
+    def offset_batch_Q(self, mQ, batch_idx, dim, padded=False, ragged=False):
+        return SeqlenInfoQK.offset_batch_Q(self, mQ, self.batch, dim, padded, ragged)
+
+    def offset_batch_K(self, mK, batch_idx, dim, padded=False, ragged=False, multiple=1):
+        return SeqlenInfoQK.offset_batch_K(self, mK, self.batch, dim, padded, ragged, multiple)
+
+
+def _split_seqlen_cls(SeqlenInfoCls):
+    """Wraps FA4's SeqlenInfo factory (a functools.partial over SeqlenInfoQK.create);
+    (B, S) come from seqused_k's ((B, S),) shape set by the launcher."""
+    batch, splits = SeqlenInfoCls.keywords["mSeqUsedK"].shape[0]
+    names = [f.name for f in dataclasses.fields(SeqlenInfoQK)]
+
+    def make(vb):
+        info = SeqlenInfoCls(vb)
+        return _SplitSeqlenInfo(**{n: getattr(info, n) for n in names},
+                                batch=vb % batch, split=vb // batch, num_splits=splits)
+
+    return make
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitBlockInfo(BlockInfo):
+    """BlockInfo whose key-block range is the split's share (the seqlen argument is a
+    _SplitSeqlenInfo)."""
+
+    @cute.jit
+    def split_range(self, seqlen, m_block):
+        lo, hi = BlockInfo.get_n_block_min_max(self, seqlen, m_block)
+        n = cutlass.max(hi - lo, 0)
+        start = lo + n * seqlen.split // seqlen.num_splits
+        end = lo + n * (seqlen.split + 1) // seqlen.num_splits
+        return start, end, hi
+
+    @cute.jit
+    def get_n_block_min_max(self, seqlen, m_block, split_idx=0, num_splits=1):
+        start, end, hi = self.split_range(seqlen, m_block)
+        n_min, n_max = start, end
+        if end <= start:  # no keys: one in-bounds block, discarded by the epilogue
+            n_min = cutlass.max(hi - 1, 0)
+            n_max = n_min + 1
+        return n_min, n_max
+
+
+def _rebind(method, args, kwargs, **replace):
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    bound.arguments.update(replace)
+    return bound.args, bound.kwargs
+
+
+def _scale(stride, k):
+    return tuple(_scale(s, k) for s in stride) if isinstance(stride, tuple) else stride * k
+
+
+class SplitKVMixin:
+    """Turns an FA4 SM90 forward kernel (FlashAttentionForwardSm90 or a subclass, e.g.
+    a larger-head-dim one) into its split-KV form; see the module docstring."""
+
+    def _split_block_info(self, block_info):
+        fields = {f.name: getattr(block_info, f.name) for f in dataclasses.fields(BlockInfo)}
+        return _SplitBlockInfo(**fields)
+
+    def load(self, *args, **kwargs):
+        base = super().load
+        a = inspect.signature(base).bind(*args, **kwargs).arguments
+        args, kwargs = _rebind(base, args, kwargs,
+                               block_info=self._split_block_info(a["block_info"]),
+                               SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
+        return base(*args, **kwargs)
+
+    def mma(self, *args, **kwargs):
+        base = super().mma
+        a = inspect.signature(base).bind(*args, **kwargs).arguments
+        # The epilogue (called from mma) needs the split's block range.
+        self._split_bi = self._split_block_info(a["block_info"])
+        args, kwargs = _rebind(base, args, kwargs, block_info=self._split_bi,
+                               SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
+        return base(*args, **kwargs)
+
+    @cute.jit
+    def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
+                 tiled_mma, tidx, m_block, head_idx, batch_idx):
+        start, end, _ = self._split_bi.split_range(seqlen, m_block)
+        has_work = start < end
+        hv = self.out_head_dim_v  # the workspace's (tile_hdimv may be padded)
+        # mLSE: ((G, Tq), KV heads, S*B) with pack_gqa, else (Tq, N, S*B); O's region
+        # follows the LSE region, with the same layout times hv plus a hv mode.
+        o_ptr = mLSE.iterator + cute.size(mLSE.shape)
+        mOp = cute.make_tensor(o_ptr, cute.make_layout(
+            (mLSE.shape[0], hv, mLSE.shape[1], mLSE.shape[2]),
+            stride=(_scale(mLSE.stride[0], hv), 1, mLSE.stride[1] * hv, mLSE.stride[2] * hv)))
+        mO_cur = mOp[None, None, head_idx, batch_idx]
+        mLSE_cur = mLSE[None, head_idx, batch_idx]
+        group = self.qhead_per_kvhead if cutlass.const_expr(self.pack_gqa) else 1
+        rows_left = seqlen.seqlen_q * group - m_block * self.tile_m
+        thr_mma = tiled_mma.get_slice(tidx)
+        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
+        tOcO = thr_mma.partition_C(cO)
+        row0 = m_block * self.tile_m
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            r, c = tOcO[i]
+            if r < rows_left:
+                if cutlass.const_expr(self.check_hdim_v_oob):
+                    if c < hv:
+                        mO_cur[row0 + r, c] = acc_O[i] if has_work else Float32(0.0)
+                else:
+                    mO_cur[row0 + r, c] = acc_O[i] if has_work else Float32(0.0)
+        tScS = layout_utils.reshape_acc_to_mn(tOcO)
+        if tScS[0][1] == 0:
+            for m in cutlass.range_constexpr(cute.size(lse)):
+                r = tScS[m, 0][0]
+                if r < rows_left:
+                    mLSE_cur[row0 + r] = lse[m] if has_work else -Float32.inf
+
+
+def split_kernel(fa):
+    """`fa` (an FA4 SM90 forward kernel object) with the split-KV overrides: its class
+    becomes a subclass of SplitKVMixin and the original class."""
+    cls = type(fa)
+    fa.__class__ = type(cls.__name__ + "Split", (SplitKVMixin, cls), {})
+    return fa
+
+
+def _make_launcher(sv: SplitVariant):
+    v = sv.base
+    fa = split_kernel(_fa4_kernel(v))
+    fa.out_head_dim_v = v.head_dim_v
+    local = v.mask == "local"
+    ops = operands(v)
+
+    @cute.jit
+    def launch(stream: cuda.CUstream, *args):
+        # args: operand pointers, workspace, every operand dimension, wl, wr, splits, scale.
+        wl, wr, splits, scale = args[-4], args[-3], args[-2], args[-1]
+        ptrs, w_ptr, sizes = args[: len(ops)], args[len(ops)], args[len(ops) + 1 : -4]
+        t, at = {}, 0
+        for i, (name, rank) in enumerate(ops):
+            dims = list(sizes[at : at + rank])
+            at += rank
+            if name in ("q", "k", "v"):
+                dims[-1] = v.head_dim_v if name == "v" else v.head_dim
+            t[name] = (dims, ptrs[i])
+        (b, tq, n, _), q_ptr = t["q"]
+        vb = b * splits
+        q = _row_major(q_ptr, [vb, tq, n, v.head_dim], aligned=True)
+        # FA4 needs an O tensor; the epilogue never writes it (it writes the workspace).
+        o = _row_major(q_ptr, [vb, tq, n, v.head_dim_v], aligned=True)
+        k = _row_major(t["k"][1], t["k"][0], aligned=True)
+        vv = _row_major(t["v"][1], t["v"][0], aligned=True)
+        used_ptr = t["seqused_k"][1]
+        used = cute.make_tensor(used_ptr, cute.make_layout(((b, splits),), stride=((1, 0),)))
+        table = None
+        if cutlass.const_expr(v.kv_layout == "paged"):
+            (tb, pages), pt_ptr = t["page_table"]
+            table = cute.make_tensor(pt_ptr, cute.make_layout(((tb, splits), pages),
+                                                              stride=((pages, 0), 1)))
+        lse = _row_major(w_ptr, [vb, n, tq], aligned=False)
+        fa(
+            q, k, vv, o, lse, scale,
+            None, None, None, used, table,
+            wl if cutlass.const_expr(local and v.window_left) else None,
+            wr if cutlass.const_expr(local and v.window_right) else None,
+            None,
+            stream=stream,
+        )
+
+    return launch
+
+
+def compile_split(sv: SplitVariant) -> bytes:
+    """Compiles `sv` for sm_90a; the object holds launcher and cubin."""
+    launch = _make_launcher(sv)
+    v = sv.base
+    dt = _DTYPES[v.dtype]
+    gmem = cute.AddressSpace.gmem
+    ptrs = []
+    for name, _ in operands(v):
+        align = _PTR_ALIGN.get(name, 4)
+        ptrs.append(make_ptr(dt if name in ("q", "k", "v") else Int32, align, gmem,
+                             assumed_align=align))
+    ptrs.append(make_ptr(Float32, 4, gmem, assumed_align=4))
+    sizes = [Int32(1) for _ in size_dims(v)]
+    compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
+                            Int32(1), Float32(1.0))
+    return compiled.dump_to_object(sv.symbol)

@@ -1,0 +1,120 @@
+"""Split-KV (decode) kernel variants and the split-count heuristic, as pure Python.
+
+A decode step has 1-8 query tokens per sequence: one thread block per (sequence, KV
+head) leaves most of an H100 idle and reads the cache at a fraction of its bandwidth.
+The split-KV kernel (forward_split.py) gives each block a slice of the key blocks and
+writes float32 partial outputs and log-sum-exps; a small pure-JAX combine
+(jax_fa4/split_kv.py) merges them.  Nothing here imports cutlass.
+
+Workspace (one float32 result of the custom call, allocated by XLA), for S splits:
+    lse_partial (S, B, N, Tq)      then      o_partial (S, B, N, Tq, Hv)
+The kernel sees S*B "virtual" sequences, virtual batch index s*B + b.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+
+from .config import CUTLASS_DSL_VERSION, FA4_VERSION, ForwardVariant
+
+# Bump when the split launcher's argument convention (forward_split.py) changes.
+SPLIT_ABI = 1
+# H100 SXM.  The heuristic is tuned for it; other SM90 parts only see a different
+# wave count.
+NUM_SMS = 132
+# Grid z holds S*B virtual sequences (CUDA limit 65535); more than 128 splits never
+# paid off in FA2/FA3's heuristics either.
+MAX_SPLITS = 128
+# A split shorter than this many key blocks costs more in fixed per-block work (Q load,
+# pipeline fill, epilogue) than it saves.
+MIN_BLOCKS_PER_SPLIT = 2
+# Head dims validated on the GPU with the split epilogue.  Larger ones (hdim 512's own
+# kernels) use other tiled MMAs: enable them once their GPU tests pass with splits.
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitVariant:
+    """The split-KV kernel for `base`, a dense-q variant with seqused_k and no sinks
+    (the combine adds sinks once, so no split adds them)."""
+
+    base: ForwardVariant
+
+    def __post_init__(self):
+        b = self.base
+        if b.q_layout != "dense" or b.kv_layout == "packed":
+            raise ValueError("split-KV needs dense q and dense or paged k/v")
+        if b.has_sinks or not b.has_seqused_k or b.has_seqused_q:
+            raise ValueError("split-KV variants take seqused_k, no seqused_q, no sinks")
+
+    def as_dict(self) -> dict:
+        return {"kind": "sm90_forward_split", "base": self.base.as_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SplitVariant":
+        return cls(ForwardVariant.from_dict(d["base"]))
+
+    def key(self) -> str:
+        return json.dumps({"abi": SPLIT_ABI, "fa4": FA4_VERSION,
+                           "cutlass_dsl": CUTLASS_DSL_VERSION, **self.as_dict(),
+                           "base_key": json.loads(self.base.key())}, sort_keys=True)
+
+    @property
+    def symbol(self) -> str:
+        return "jax_fa4_fwds_" + hashlib.sha256(self.key().encode()).hexdigest()[:20]
+
+    def describe(self) -> str:
+        return self.base.describe() + ", split-KV"
+
+
+def split_variant(v: ForwardVariant) -> SplitVariant:
+    """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
+    dense k/v get an explicit seqused_k)."""
+    return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True))
+
+
+def workspace_size(batch: int, heads: int, seq_q: int, head_dim_v: int, splits: int) -> int:
+    """float32 elements of the workspace (see the module docstring)."""
+    return splits * batch * heads * seq_q * (1 + head_dim_v)
+
+
+def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
+                      num_sms: int = NUM_SMS) -> int:
+    """How many key slices per (sequence, KV head, query tile), FA2/FA3-style.
+
+    batch * kv_heads * m_blocks thread blocks run without splitting; when that fills
+    most of the GPU, splitting only adds combine work.  Otherwise pick the smallest
+    split count whose wave efficiency (blocks / (SMs * waves)) is within 10% of the
+    best, keeping >= MIN_BLOCKS_PER_SPLIT key blocks per split.
+
+    n_blocks is the key blocks of the *longest possible* sequence (cache capacity):
+    lengths are traced, so a skewed batch (one long sequence among short ones) is sized
+    for its long sequence, whose S slices then spread over the SMs; the short sequences'
+    surplus slices get no keys and finish after one masked block.
+    """
+    tiles = batch * kv_heads * m_blocks
+    if tiles >= 0.8 * num_sms or n_blocks < 2 * MIN_BLOCKS_PER_SPLIT:
+        return 1
+    limit = min(MAX_SPLITS, n_blocks // MIN_BLOCKS_PER_SPLIT, max(1, 65535 // batch))
+    effs = {}
+    for s in range(1, limit + 1):
+        waves = tiles * s / num_sms
+        effs[s] = waves / math.ceil(waves)
+    best = max(effs.values())
+    return next(s for s in sorted(effs) if effs[s] >= 0.9 * best)
+
+
+def check_num_splits(num_splits, batch: int) -> int | None:
+    """Validates the expert override: None (heuristic) or an int in [1, MAX_SPLITS]."""
+    if num_splits is None:
+        return None
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
+        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    if num_splits > MAX_SPLITS:
+        raise ValueError(f"num_splits must be <= {MAX_SPLITS}, got {num_splits}")
+    if num_splits * batch > 65535:
+        raise ValueError(f"num_splits * batch must be <= 65535 (CUDA grid), got "
+                         f"{num_splits} * {batch}")
+    return num_splits

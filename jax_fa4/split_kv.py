@@ -1,0 +1,76 @@
+"""Split-KV forward on CUDA: the split kernel's custom call, then a pure-JAX combine,
+lowered together in place of the primitive (so autodiff, vmap and sharding rules see
+the same (out, lse) primitive as the unsplit path).
+
+The kernel (kernels/forward_split.py) writes one float32 workspace, an extra result
+XLA allocates: lse_partial (S, B, N, Tq) then o_partial (S, B, N, Tq, Hv), each
+split's softmax normalized over its own keys.  The combine weighs split s by
+exp(lse_s - lse) with lse = log(sum_s exp(lse_s) + exp(sink)): the sink enters once,
+here, never in a split.  For decode the workspace is small (S*B*N*Tq*(Hv+1) floats,
+e.g. 2 MiB at B=8, S=16, N=32, Hv=128) and XLA fuses the combine into one kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.interpreters import mlir
+
+from .ffi_target import TARGET
+from .kernels.forward_abi import operands, size_dims
+from .kernels.split import split_variant, workspace_size
+
+
+def combine(o_part, lse_part, sinks, dtype):
+    """o_part (S, B, N, T, Hv) f32, lse_part (S, B, N, T) f32, sinks (N,) or None ->
+    out (B, T, N, Hv) `dtype`, lse (B, N, T) f32.  Rows with no key and no sink give
+    zeros and -inf."""
+    m = jnp.max(lse_part, axis=0)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32)[None, :, None]
+        m = jnp.maximum(m, sink)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_part - m)
+    den = jnp.sum(w, axis=0)
+    if sinks is not None:
+        den = den + jnp.exp(sink - m)
+    o = jnp.sum(w[..., None] * o_part, axis=0)
+    safe = jnp.where(den > 0, den, 1.0)
+    o = jnp.where(den[..., None] > 0, o / safe[..., None], 0.0)
+    lse = jnp.where(den > 0, m + jnp.log(safe), -jnp.inf)
+    return jnp.swapaxes(o, 1, 2).astype(dtype), lse
+
+
+def _forward(*args, params, obj: bytes):
+    plan = params.plan
+    a = dict(zip((n for n, _ in operands(plan.variant)), args))
+    sv = split_variant(plan.variant)
+    q = a["q"]
+    b, t, n, _ = q.shape
+    hv = a["v"].shape[-1]
+    s = plan.num_splits
+    if "seqused_k" not in a:  # dense k/v: every key is used
+        a["seqused_k"] = jnp.full((b,), a["k"].shape[1], jnp.int32)
+    rows = s * b * n * t
+    ws = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct((workspace_size(b, n, t, hv, s),), jnp.float32)
+    )(
+        *(a[name] for name, _ in operands(sv.base)),
+        object=np.frombuffer(obj, dtype=np.uint8),
+        symbol=sv.symbol,
+        size_dims=np.asarray(size_dims(sv.base), dtype=np.int64).reshape(-1),
+        i32_scalars=np.asarray([plan.window_left, plan.window_right, s], dtype=np.int32),
+        f32_scalars=np.asarray([params.scale], dtype=np.float32),
+    )
+    lse_part = ws[:rows].reshape(s, b, n, t)
+    o_part = ws[rows:].reshape(s, b, n, t, hv)
+    return combine(o_part, lse_part, a.get("sinks"), q.dtype)
+
+
+def lower(ctx, *args, params, obj: bytes):
+    """Lowering of the primitive for a plan with num_splits > 1 (obj: the split
+    kernel's object)."""
+    return mlir.lower_fun(functools.partial(_forward, params=params, obj=obj),
+                          multiple_results=True)(ctx, *args)

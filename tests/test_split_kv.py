@@ -1,0 +1,236 @@
+"""Split-KV decode on the CPU: the split-count heuristic, num_splits validation, the
+pure-JAX combine's numerics, and cross-lowering (the split call's operands, its one
+float32 workspace result and its scalars)."""
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import has_compiler
+
+import jax_fa4
+import jax_fa4.api
+from jax_fa4 import split_kv, varlen
+from jax_fa4.kernels.split import (MAX_SPLITS, NUM_SMS, check_num_splits, choose_num_splits,
+                                   split_variant, workspace_size)
+
+SDS = jax.ShapeDtypeStruct
+
+
+# --- heuristic ---------------------------------------------------------------
+
+@pytest.mark.parametrize("batch,kv_heads,n_blocks,want", [
+    (64, 4, 2048, 1),     # 256 thread blocks already fill 132 SMs
+    (32, 4, 2048, 1),     # 128 >= 0.8 * 132
+    (8, 4, 512, 4),       # 32 blocks -> 4 splits: 128 of 132 SMs
+    (1, 4, 2048, 32),     # one sequence over the whole GPU
+    (1, 4, 3, 1),         # too few key blocks to split
+])
+def test_heuristic(batch, kv_heads, n_blocks, want):
+    s = choose_num_splits(batch, kv_heads, 1, n_blocks)
+    if want == 32:  # within 10% of a full wave
+        assert 30 <= s <= 33 and batch * kv_heads * s <= NUM_SMS
+    else:
+        assert s == want
+
+
+def test_heuristic_keeps_blocks_per_split():
+    for n_blocks in range(1, 40):
+        s = choose_num_splits(1, 1, 1, n_blocks)
+        assert s == 1 or n_blocks // s >= 2
+        assert 1 <= s <= MAX_SPLITS
+
+
+def test_heuristic_skewed_batch_sized_by_capacity():
+    """Lengths are traced: the plan sizes splits by the page table's capacity, so one
+    long sequence among short ones still spreads over the GPU."""
+    def plan(max_pages):
+        return varlen.kernel_plan(
+            "paged_attention", q=SDS((4, 1, 32, 128), jnp.bfloat16),
+            k_cache=SDS((4 * max_pages, 64, 4, 128), jnp.bfloat16),
+            v_cache=SDS((4 * max_pages, 64, 4, 128), jnp.bfloat16),
+            page_table=SDS((4, max_pages), jnp.int32), seqused_k=SDS((4,), jnp.int32),
+            is_causal=True)
+    assert plan(2048).num_splits >= 6  # 16 tiles -> >= 96 thread blocks
+    assert plan(1).num_splits == 1
+
+
+def test_prefill_is_not_split_automatically():
+    plan = varlen.kernel_plan(
+        "paged_attention", q=SDS((1, 512, 32, 128), jnp.bfloat16),
+        k_cache=SDS((512, 64, 4, 128), jnp.bfloat16), v_cache=SDS((512, 64, 4, 128), jnp.bfloat16),
+        page_table=SDS((1, 512), jnp.int32), seqused_k=SDS((1,), jnp.int32), is_causal=True)
+    assert plan.num_splits == 1
+
+
+def test_attention_short_q_long_k_plans_a_split():
+    q, k = SDS((1, 1, 32, 128), jnp.bfloat16), SDS((1, 32768, 4, 128), jnp.bfloat16)
+    assert jax_fa4.api.kernel_plan(q, k, k).num_splits > 1
+    q = SDS((1, 2048, 32, 128), jnp.bfloat16)
+    assert jax_fa4.api.kernel_plan(q, k, k).num_splits == 1
+
+
+# --- validation --------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", MAX_SPLITS + 1])
+def test_bad_num_splits(bad):
+    with pytest.raises(ValueError, match="num_splits"):
+        check_num_splits(bad, 4)
+
+
+def test_num_splits_times_batch_bounded():
+    with pytest.raises(ValueError, match="num_splits"):
+        check_num_splits(128, 1000)
+
+
+def _paged(b=2, tq=1):
+    q = jnp.ones((b, tq, 8, 64), jnp.bfloat16)
+    kc = jnp.ones((10, 16, 2, 64), jnp.bfloat16)
+    return q, kc, kc, jnp.zeros((b, 4), jnp.int32), jnp.array([5, 9][:b], jnp.int32)
+
+
+def test_paged_bad_num_splits_raises_at_trace():
+    with pytest.raises(ValueError, match="num_splits"):
+        jax.jit(functools.partial(jax_fa4.paged_attention, num_splits=0)).trace(*_paged())
+
+
+def test_num_splits_needs_dense_q():
+    q, kc, vc, pt, used = _paged()
+    with pytest.raises(ValueError, match="num_splits"):
+        jax_fa4.paged_attention(q[:, 0], kc, vc, pt, used, cu_seqlens_q=jnp.array([0, 1, 2]),
+                                max_seqlen_q=1, num_splits=2)
+    with pytest.raises(ValueError, match="num_splits"):
+        jax_fa4.varlen_attention(q[:, 0], kc[0], vc[0], jnp.array([0, 1, 2]),
+                                 jnp.array([0, 8, 16]), max_seqlen_q=1, max_seqlen_k=8,
+                                 num_splits=3)
+
+
+def test_cpu_runs_the_fallback_for_any_split_count():
+    q, kc, vc, pt, used = _paged()
+    pt = jnp.arange(8, dtype=jnp.int32).reshape(2, 4)
+    q = jax.random.normal(jax.random.PRNGKey(0), q.shape, jnp.bfloat16)
+    kc = jax.random.normal(jax.random.PRNGKey(1), kc.shape, jnp.bfloat16)
+    a = jax_fa4.paged_attention(q, kc, kc, pt, used, num_splits=1)
+    b = jax_fa4.paged_attention(q, kc, kc, pt, used, num_splits=7)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+# --- combine -----------------------------------------------------------------
+
+def _partials(scores, v, bounds, sinks=None):
+    """Per-split normalized (o, lse) of softmax(scores) @ v over key ranges."""
+    os_, ls = [], []
+    for lo, hi in bounds:
+        s = scores[..., lo:hi]
+        if hi <= lo:
+            os_.append(np.zeros(scores.shape[:-1] + v.shape[-1:]))
+            ls.append(np.full(scores.shape[:-1], -np.inf))
+            continue
+        m = s.max(-1, keepdims=True)
+        p = np.exp(s - m)
+        os_.append((p / p.sum(-1, keepdims=True)) @ v[lo:hi])
+        ls.append(np.log(p.sum(-1)) + m[..., 0])
+    return np.stack(os_), np.stack(ls)
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_combine_matches_full_softmax(with_sinks):
+    rng = np.random.default_rng(0)
+    b, n, t, sk, hv = 2, 3, 2, 50, 8
+    scores = rng.standard_normal((b, n, t, sk)) * 3
+    v = rng.standard_normal((sk, hv))
+    sinks = rng.standard_normal(n) if with_sinks else None
+    bounds = [(0, 20), (20, 20), (20, 49), (49, 50), (50, 50)]  # empty splits too
+    o_p, l_p = _partials(scores, v, bounds)
+    o, lse = split_kv.combine(jnp.asarray(o_p, jnp.float32), jnp.asarray(l_p, jnp.float32),
+                              None if sinks is None else jnp.asarray(sinks, jnp.float32),
+                              jnp.float32)
+    full = scores if sinks is None else np.concatenate(
+        [scores, np.broadcast_to(sinks[None, :, None, None], (b, n, t, 1))], -1)
+    ref_lse = np.log(np.exp(full).sum(-1))
+    ref_o = np.exp(scores - ref_lse[..., None]) @ v
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(o), np.swapaxes(ref_o, 1, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_combine_rows_without_keys():
+    o_p = jnp.zeros((3, 1, 2, 1, 4))
+    l_p = jnp.full((3, 1, 2, 1), -jnp.inf)
+    o, lse = split_kv.combine(o_p, l_p, None, jnp.bfloat16)
+    assert not np.isnan(np.asarray(o, np.float32)).any()
+    np.testing.assert_array_equal(np.asarray(lse), -np.inf)
+    o, lse = split_kv.combine(o_p, l_p, jnp.array([0.5, -1.0]), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(o, np.float32), 0.0)
+    np.testing.assert_allclose(np.asarray(lse)[0, :, 0], [0.5, -1.0])
+
+
+# --- cross-lowering (compiles the split kernel) ---------------------------------
+
+requires_compiler = pytest.mark.skipif(not has_compiler(), reason="needs jax_fa4[compile]")
+
+
+@pytest.fixture(scope="module")
+def _own_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_FA4_CACHE_DIR", str(tmp_path_factory.mktemp("split_kernels")))
+        mp.delenv("JAX_FA4_COMPILE", raising=False)
+        yield
+
+
+def _lower(num_splits, sinks=False):
+    b, pages, ps, kh, hd, mp = 3, 64, 64, 2, 128, 20
+    args = [SDS((b, 1, 16, hd), jnp.bfloat16), SDS((pages, ps, kh, hd), jnp.bfloat16),
+            SDS((pages, ps, kh, hd), jnp.bfloat16), SDS((b, mp), jnp.int32),
+            SDS((b,), jnp.int32)]
+    kw = dict(sinks=SDS((16,), jnp.float32)) if sinks else {}
+    f = functools.partial(jax_fa4.paged_attention, is_causal=True, implementation="fa4",
+                          num_splits=num_splits, local_window_size=(100, 0))
+    return jax.jit(f).trace(*args, **kw).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _call_line(text):
+    lines = [x for x in text.splitlines() if "@jax_fa4_cute_call" in x]
+    assert len(lines) == 1, len(lines)
+    return lines[0]
+
+
+@requires_compiler
+@pytest.mark.compile
+@pytest.mark.usefixtures("_own_cache")
+def test_split_call_operands_and_workspace():
+    line = _call_line(_lower(7, sinks=True))
+    ops = re.search(r":\s*\(([^()]*)\)\s*->\s*(\S+)\s*$", line)
+    # q, k_cache, v_cache, seqused_k, page_table: no sinks (the combine adds them)
+    assert ops.group(1).split(", ") == [
+        "tensor<3x1x16x128xbf16>", "tensor<64x64x2x128xbf16>", "tensor<64x64x2x128xbf16>",
+        "tensor<3xi32>", "tensor<3x20xi32>"]
+    assert ops.group(2) == f"tensor<{workspace_size(3, 16, 1, 128, 7)}xf32>"
+    assert re.search(r'symbol = "jax_fa4_fwds_', line)
+    # window bounds, then the split count
+    assert re.search(r"i32_scalars = dense<\[100, 0, 7\]>", line)
+
+
+@requires_compiler
+@pytest.mark.compile
+@pytest.mark.usefixtures("_own_cache")
+def test_unsplit_call_has_out_and_lse():
+    line = _call_line(_lower(1))
+    assert re.search(r'symbol = "jax_fa4_fwd_[0-9a-f]', line)
+    assert re.search(r"->\s*\(tensor<3x1x16x128xbf16>, tensor<3x16x1xf32>\)", line)
+
+
+def test_split_variant_key_differs_from_base():
+    plan = varlen.kernel_plan("paged_attention", q=SDS((1, 1, 8, 64), jnp.bfloat16),
+                              k_cache=SDS((9, 16, 2, 64), jnp.bfloat16),
+                              v_cache=SDS((9, 16, 2, 64), jnp.bfloat16),
+                              page_table=SDS((1, 9), jnp.int32), seqused_k=SDS((1,), jnp.int32),
+                              sinks=SDS((8,), jnp.float32), num_splits=3)
+    sv = plan.kernel_variant
+    assert sv == split_variant(plan.variant) and not sv.base.has_sinks
+    assert sv.symbol != plan.variant.symbol and "split-KV" in sv.describe()
+    assert type(sv).from_dict(sv.as_dict()) == sv
