@@ -1,0 +1,30 @@
+"""Head dim 512 (split-PV kernel) on an SM90 GPU vs float32 references: dense,
+varlen and paged (marker `gpu`; skipped elsewhere).  Matrix: tests/gpu_cases_hdim512.py;
+the checks are test_gpu_forward's and test_gpu_paged's (poisoned outputs, no NaN,
+rel. error <= 1e-2)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import test_gpu_forward  # noqa: E402
+import test_gpu_paged  # noqa: E402
+from gpu_cases_hdim512 import CALLS  # noqa: E402
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not test_gpu_forward._has_sm90(),
+                                 reason="needs an SM90 (Hopper) GPU"),
+              pytest.mark.usefixtures("poisoned_outputs")]
+
+
+def _case_id(c):
+    return (test_gpu_paged._case_id(c) if "fn" in c else test_gpu_forward._case_id(c))
+
+
+@pytest.mark.parametrize("case", CALLS, ids=[_case_id(c) for c in CALLS])
+def test_hdim512_matches_reference(case):
+    if "fn" in case:
+        test_gpu_paged.run_case(case, "fa4")
+    else:
+        test_gpu_forward.run_case(case)
