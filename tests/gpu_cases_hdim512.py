@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when prec
 from gpu_cases_paged import paged_case, varlen_case  # noqa: E402
 
 D = 512
+DESIGNS = ("split_pv", "single_qk")  # kernels/forward_hdim512.py; the first is the default
 MASKS = {"none": {}, "causal": {"is_causal": True}, "window": {"local_window_size": (1023, 0)}}
 
 
@@ -49,3 +50,23 @@ def _cases():
 
 
 CALLS = _cases()
+
+
+def precompile_designs(cache_dir=None):
+    """Builds every design's kernel objects for CALLS (`python -m jax_fa4.precompile
+    --calls` builds the default design's only):
+    python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g;
+    g.precompile_designs('DIR')"."""
+    import dataclasses
+
+    from jax_fa4 import precompile
+    from jax_fa4.kernels import get_object
+
+    if cache_dir:
+        os.environ["JAX_FA4_CACHE_DIR"] = cache_dir
+    os.environ["JAX_FA4_COMPILE"] = "auto"
+    for v in precompile.variants_from_calls(os.path.abspath(__file__)):
+        for d in DESIGNS:
+            w = dataclasses.replace(v, tile=dataclasses.replace(v.tile, design=d))
+            print(w.describe(), flush=True)
+            get_object(w)

@@ -88,6 +88,17 @@ def test_dense_call_lowers_to_custom_call():
 
 
 @compiles
+@pytest.mark.parametrize("design", ["split_pv", "single_qk"])
+def test_both_designs_compile(design):
+    """Both head-dim-512 kernels build for a varlen variant with every optional feature
+    (window bounds, softcap, sinks, packed GQA)."""
+    v = ForwardVariant("bfloat16", 512, 512, 4, mask="local", window_left=True,
+                       window_right=True, softcap=30.0, has_sinks=True, q_layout="packed",
+                       kv_layout="packed", tile=dataclasses.replace(SPLIT_PV, design=design))
+    assert get_object(v)[:4] == b"\x7fELF"
+
+
+@compiles
 def test_paged_call_lowers_to_custom_call():
     case = [c for c in CALLS if c.get("fn") == "paged_attention"][0]
     operands, results = _one_call_signature(_lower_cuda(jax_fa4.paged_attention, case))

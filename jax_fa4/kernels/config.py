@@ -23,9 +23,9 @@ DTYPES = ("bfloat16", "float16")
 MASKS = ("none", "causal", "local")
 Q_LAYOUTS = ("dense", "packed")
 KV_LAYOUTS = ("dense", "packed", "paged")
-# Kernel designs: FA4's own SM90 forward, or kernels/forward_hdim512.py's split-PV
-# forward for value head dims above WGMMA's N limit of 256.
-DESIGNS = ("fa4", "split_pv")
+# Kernel designs: FA4's own SM90 forward, or kernels/forward_hdim512.py's split-PV or
+# single-QK forward for value head dims above WGMMA's N limit of 256.
+DESIGNS = ("fa4", "split_pv", "single_qk")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,10 +23,14 @@ from cutlass.cute.runtime import make_ptr  # noqa: E402
 from flash_attn.cute import utils as fa_utils  # noqa: E402
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90  # noqa: E402
 
-from .forward_hdim512 import FlashAttentionForwardSm90SplitPV  # noqa: E402
+from .forward_hdim512 import (  # noqa: E402
+    FlashAttentionForwardSm90SingleQK,
+    FlashAttentionForwardSm90SplitPV,
+)
 
 _DTYPES = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}
-_KERNELS = {"fa4": FlashAttentionForwardSm90, "split_pv": FlashAttentionForwardSm90SplitPV}
+_KERNELS = {"fa4": FlashAttentionForwardSm90, "split_pv": FlashAttentionForwardSm90SplitPV,
+            "single_qk": FlashAttentionForwardSm90SingleQK}
 
 
 def _fa4_kernel(v: ForwardVariant) -> FlashAttentionForwardSm90:
