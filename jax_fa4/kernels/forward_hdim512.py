@@ -102,6 +102,14 @@ _P_EMPTY = _P_FULL + 2
 _P_BUFFERS = 2
 
 
+def _advanced(state, count=1):
+    """A pipeline state `count` stages on.  Loops rebind their state to this rather than
+    calling advance() in place, so that the DSL carries it as a loop variable."""
+    state = state.clone()
+    state.advance(count)
+    return state
+
+
 class FlashAttentionForwardSm90SingleQK(FlashAttentionForwardSm90SplitPV):
     """Warpgroup 0 computes S and the softmax once; both warpgroups multiply P by their
     half of V (see module doc).  Reuses the split-PV tiled MMAs: the QK^T one maps both
@@ -165,7 +173,7 @@ class FlashAttentionForwardSm90SingleQK(FlashAttentionForwardSm90SplitPV):
             else:
                 self._pv(ctx, softmax, kv_state.clone(), p_count, n_iter)
             # Both warpgroups consumed n_iter K/V blocks and n_iter + 1 P buffers.
-            kv_state.advance(n_iter)
+            kv_state = _advanced(kv_state, n_iter)
             p_count += n_iter + 1
             pipeline_q.consumer_release_w_index(0)
             q_phase ^= 1
@@ -228,7 +236,7 @@ class FlashAttentionForwardSm90SingleQK(FlashAttentionForwardSm90SplitPV):
             pipeline_v.consumer_release(kv_state)
             self._release(p_count)
             p_count += 1
-            kv_state.advance()
+            kv_state = _advanced(kv_state)
         # Final 1 / row_sum.
         self._receive(ctx, softmax, p_count)
         self._release(p_count)
@@ -255,40 +263,41 @@ class FlashAttentionForwardSm90SingleQK(FlashAttentionForwardSm90SplitPV):
         if const_expr(self.is_local):
             n_local = block_info.get_n_block_min_before_local_mask(seqlen, m_block, n_block_min)
 
+        score_mod_fn = None
+        if const_expr(self.score_mod is not None):
+            score_mod_fn = partial(self.apply_score_mod, thr_mma_qk, batch_idx, head_idx,
+                                   m_block, softmax_scale=softmax_scale, seqlen=seqlen,
+                                   aux_data=aux_data, fastdiv_mods=fastdiv_mods)
+        mask_fn = partial(mask.apply_mask, batch_idx=batch_idx, head_idx=head_idx,
+                          m_block=m_block, thr_mma=thr_mma_qk, mask_seqlen=True,
+                          mask_causal=self.is_causal, mask_local=self.is_local,
+                          aux_data=aux_data, fastdiv_mods=fastdiv_mods)
+
         n_block = n_block_max - 1
         pipeline_k.consumer_wait(kv_state, pipeline_k.consumer_try_wait(kv_state))
         acc_S = qk(B_idx=kv_state.index, wg_wait=0)
         pipeline_k.consumer_release(kv_state)
-        if const_expr(self.score_mod is not None):
-            self.apply_score_mod(thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
-                                 softmax_scale=softmax_scale, seqlen=seqlen,
-                                 aux_data=aux_data, fastdiv_mods=fastdiv_mods)
-        mask.apply_mask(acc_S, batch_idx, head_idx, m_block, n_block, thr_mma_qk,
-                        mask_seqlen=True, mask_causal=self.is_causal, mask_local=self.is_local,
-                        aux_data=aux_data, fastdiv_mods=fastdiv_mods)
+        if const_expr(score_mod_fn is not None):
+            score_mod_fn(acc_S, n_block)
+        mask_fn(acc_S, n_block=n_block)
         row_scale = softmax.online_softmax(acc_S, is_first=True, check_inf=True)
         p_count = self._publish(ctx, acc_S, row_scale, p_count)
         for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
-            # Names first bound here stay inside the loop body (the DSL carries only
-            # plain locals bound before the loop: kv_state, p_count).
+            # Names first bound here stay inside the loop body: the DSL carries the
+            # plain locals bound before the loop and rebound in it (kv_state, p_count).
             n_cur = n_block_max - 2 - i
-            kv_prev = kv_state.clone()
-            kv_state.advance()
+            kv_prev = kv_state
+            kv_state = _advanced(kv_state)
             pipeline_k.consumer_wait(kv_state, pipeline_k.consumer_try_wait(kv_state))
             acc_S_cur = qk(B_idx=kv_state.index, wg_wait=-1)
             pipeline_v.consumer_wait(kv_prev, pipeline_v.consumer_try_wait(kv_prev))
             pv(A_idx=(p_count - 1) % _P_BUFFERS, B_idx=kv_prev.index, wg_wait=-1)
             warpgroup.wait_group(1)
             pipeline_k.consumer_release(kv_state)
-            if const_expr(self.score_mod is not None):
-                self.apply_score_mod(thr_mma_qk, batch_idx, head_idx, m_block, acc_S_cur, n_cur,
-                                     softmax_scale=softmax_scale, seqlen=seqlen,
-                                     aux_data=aux_data, fastdiv_mods=fastdiv_mods)
+            if const_expr(score_mod_fn is not None):
+                score_mod_fn(acc_S_cur, n_cur)
             if n_cur >= n_causal or n_cur < n_local:
-                mask.apply_mask(acc_S_cur, batch_idx, head_idx, m_block, n_cur, thr_mma_qk,
-                                mask_seqlen=True, mask_causal=self.is_causal,
-                                mask_local=self.is_local, aux_data=aux_data,
-                                fastdiv_mods=fastdiv_mods)
+                mask_fn(acc_S_cur, n_block=n_cur)
             scale_cur = softmax.online_softmax(acc_S_cur, check_inf=True)
             warpgroup.wait_group(0)
             pipeline_v.consumer_release(kv_prev)
