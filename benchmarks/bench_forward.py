@@ -101,7 +101,7 @@ class DirectLauncher:
         return ms.value / 1e3 / reps
 
 
-def bench_one(cfg, direct, reps, backends):
+def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
     b, s, h, hk, d, causal, dtype = (cfg[k] for k in ("b", "s", "h", "hk", "d", "causal", "dtype"))
     dt = jnp.dtype(dtype)
     key = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -119,8 +119,9 @@ def bench_one(cfg, direct, reps, backends):
                 jax.block_until_ready((q, k, v, o, lse))
                 t = direct.time(plan, 1 / math.sqrt(d), [q, k, v, o, lse], reps)
             else:
-                if name == "xla" and b * h * s * s * 4 * 3 > 30e9:
-                    raise MemoryError("XLA would materialize a >30 GB score matrix")
+                if name == "xla" and b * h * s * s * 4 * 3 > xla_cap_bytes:
+                    raise MemoryError(f"XLA would materialize a >{xla_cap_bytes / 1e9:.0f} GB "
+                                      "score matrix")
                 impl = {"jax_fa4": "fa4"}.get(name, name)
                 fn = (jax_fa4.attention if name == "jax_fa4" else jax.nn.dot_product_attention)
                 f = jax.jit(lambda q, k, v, fn=fn, impl=impl: fn(

@@ -54,18 +54,36 @@ class Unsupported(Exception):
     """The kernel cannot run this call; str(self) says why."""
 
 
+# (head_dim, value head_dim) pairs above FA4's 256 that the split-PV kernel
+# (kernels/forward_hdim512.py) takes: Gemma-4's global layers.  A smaller head_dim
+# with value head_dim 512 would need its own shared-memory layout: FA4 writes the
+# output tile (tile_m x hdim_v) over the Q tile (tile_m x head_dim).
+_WIDE_HEAD_DIMS = ((512, 512),)
+
+
 def _check_head_dim(name: str, d: int) -> None:
     if d % 8 or not 8 <= d <= 256:
         raise Unsupported(f"{name} {d} is not supported by the SM90 kernel "
-                          "(a multiple of 8 between 8 and 256)")
+                          "(a multiple of 8 between 8 and 256, or 512 with value "
+                          "head_dim 512)")
+
+
+def _check_head_dims(head_dim: int, head_dim_v: int) -> None:
+    if (head_dim, head_dim_v) in _WIDE_HEAD_DIMS:
+        return
+    if head_dim_v == 512 or head_dim == 512:
+        raise Unsupported(f"head_dim {head_dim} with value head_dim {head_dim_v} is not "
+                          "supported by the SM90 kernel (above 256 it takes "
+                          + " or ".join(f"{d}/{dv}" for d, dv in _WIDE_HEAD_DIMS) + ")")
+    _check_head_dim("head_dim", head_dim)
+    _check_head_dim("value head_dim", head_dim_v)
 
 
 def _check_common(dtype: str, head_dim: int, head_dim_v: int, heads_q: int, heads_k: int):
     if dtype not in ("bfloat16", "float16"):
         raise Unsupported(f"dtype {dtype} is not supported by the FA4 kernel "
                           "(bfloat16 or float16)")
-    _check_head_dim("head_dim", head_dim)
-    _check_head_dim("value head_dim", head_dim_v)
+    _check_head_dims(head_dim, head_dim_v)
     if heads_q == 0 or heads_k == 0:
         raise Unsupported("an empty dimension (heads is 0)")
     if heads_q % heads_k:
@@ -200,7 +218,8 @@ def plan_varlen(c: VarlenCall) -> KernelPlan:
         if c.page_size % 8:
             raise Unsupported(f"page_size {c.page_size} is not a multiple of 8")
         # TMA loads whole pages when a page is exactly one K/V tile; hdim 256's tile_n
-        # (80, or 64 with windows) also runs well at 64, so 64-token pages take TMA there.
+        # (80, or 64 with windows) also runs well at 64, so 64-token pages take TMA there
+        # (hdim 512's tile_n is 64).
         if c.page_size == tile.tile_n or (c.page_size == 64 and c.head_dim > 192):
             paged_tma = True
             tile = dataclasses.replace(tile, tile_n=c.page_size)

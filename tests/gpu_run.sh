@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, bench, paged, sweep, loop, gemma; default tests,bench) with precompiled
+# (comma-separated: tests, bench, paged, sweep, loop, gemma, hdim512; default tests,bench) with precompiled
 # kernels from .device/kernels.  Logs and JSON go to $OUT.
 set -u
 what=",${1:-tests,bench},"
@@ -39,6 +39,11 @@ fi
 if [[ $what == *,paged,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_paged.py --out "$OUT/paged.json" \
     2>&1 | tee "$OUT/paged.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,hdim512,* ]]; then
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_hdim512.py --reps 10 \
+    --out "$OUT/hdim512.json" 2>&1 | tee "$OUT/hdim512.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,loop,* ]]; then

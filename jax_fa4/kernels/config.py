@@ -23,6 +23,9 @@ DTYPES = ("bfloat16", "float16")
 MASKS = ("none", "causal", "local")
 Q_LAYOUTS = ("dense", "packed")
 KV_LAYOUTS = ("dense", "packed", "paged")
+# Kernel designs: FA4's own SM90 forward, or kernels/forward_hdim512.py's split-PV or
+# single-QK forward for value head dims above WGMMA's N limit of 256.
+DESIGNS = ("fa4", "split_pv", "single_qk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +35,27 @@ class TileConfig:
     mma_pv_is_rs: bool  # P stays in registers for the PV GEMM
     intra_wg_overlap: bool  # overlap softmax of one block with the GEMMs of the next
     num_stages: int = 2  # K/V pipeline depth
+    design: str = "fa4"  # one of DESIGNS
+
+    def __post_init__(self):
+        if self.design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}")
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.design == "fa4":  # keeps the keys of variants that predate `design`
+            del d["design"]
+        return d
 
 
 def sm90_forward_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> TileConfig:
     """FA4 4.0.0b36's SM90 forward tile heuristic (`_tile_size_fwd_sm90`), benchmarked
     by FA4's authors on H100 SXM; mirrored here so that choosing a tile needs no GPU
-    and no import of flash_attn."""
+    and no import of flash_attn.  Value head dims above 256 (FA4 stops at 256) take the
+    split-PV kernel: 64 x 64 tiles, one K/V stage and P in shared memory are what fits
+    hdim 512's 64 KiB Q, K and V tiles in shared memory (forward_hdim512.py)."""
+    if head_dim_v > 256:
+        return TileConfig(64, 64, False, True, num_stages=1, design="split_pv")
     if head_dim <= 64:
         return TileConfig(192, 128, True, True)
     if head_dim <= 96:
@@ -106,7 +124,7 @@ class ForwardVariant:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["tile"] = dataclasses.asdict(self.tile)
+        d["tile"] = self.tile.as_dict()
         return d
 
     @classmethod
@@ -155,5 +173,6 @@ class ForwardVariant:
         if self.has_seqused_q or self.has_seqused_k:
             parts.append("seqused " + "q" * self.has_seqused_q + "k" * self.has_seqused_k)
         t = self.tile
-        parts.append(f"tile {t.tile_m}x{t.tile_n}{' rs' if t.mma_pv_is_rs else ''}")
+        parts.append(f"tile {t.tile_m}x{t.tile_n}{' rs' if t.mma_pv_is_rs else ''}"
+                     + (f" {t.design}" if t.design != "fa4" else ""))
         return ", ".join(parts)

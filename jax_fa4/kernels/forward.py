@@ -23,13 +23,20 @@ from cutlass.cute.runtime import make_ptr  # noqa: E402
 from flash_attn.cute import utils as fa_utils  # noqa: E402
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90  # noqa: E402
 
+from .forward_hdim512 import (  # noqa: E402
+    FlashAttentionForwardSm90SingleQK,
+    FlashAttentionForwardSm90SplitPV,
+)
+
 _DTYPES = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}
+_KERNELS = {"fa4": FlashAttentionForwardSm90, "split_pv": FlashAttentionForwardSm90SplitPV,
+            "single_qk": FlashAttentionForwardSm90SingleQK}
 
 
 def _fa4_kernel(v: ForwardVariant) -> FlashAttentionForwardSm90:
     t = v.tile
     score_mod = fa_utils.create_softcap_scoremod(v.softcap) if v.softcap is not None else None
-    return FlashAttentionForwardSm90(
+    return _KERNELS[t.design](
         _DTYPES[v.dtype],
         v.head_dim,
         v.head_dim_v,
@@ -40,7 +47,7 @@ def _fa4_kernel(v: ForwardVariant) -> FlashAttentionForwardSm90:
         tile_m=t.tile_m,
         tile_n=t.tile_n,
         num_stages=t.num_stages,
-        num_threads=384,  # recomputed by the kernel from tile_m
+        num_threads=384,  # recomputed by the kernel from its tiled MMA
         Q_in_regs=False,
         intra_wg_overlap=t.intra_wg_overlap,
         mma_pv_is_rs=t.mma_pv_is_rs,

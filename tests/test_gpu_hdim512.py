@@ -1,0 +1,52 @@
+"""Head dim 512 on an SM90 GPU vs float32 references: dense, varlen and paged, for
+both kernel designs (kernels/forward_hdim512.py: split-PV, the default, and single-QK)
+(marker `gpu`; skipped elsewhere).  Matrix: tests/gpu_cases_hdim512.py; the checks are
+test_gpu_forward's and test_gpu_paged's (poisoned outputs, no NaN, rel. error <= 1e-2).
+
+The non-default design is selected by patching the tile heuristic for the test; its
+kernel objects are built by `gpu_cases_hdim512.precompile_designs()` (see there).
+"""
+import dataclasses
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import test_gpu_forward  # noqa: E402
+import test_gpu_paged  # noqa: E402
+from gpu_cases_hdim512 import CALLS, DESIGNS  # noqa: E402
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not test_gpu_forward._has_sm90(),
+                                 reason="needs an SM90 (Hopper) GPU"),
+              pytest.mark.usefixtures("poisoned_outputs")]
+
+
+def _case_id(c):
+    return (test_gpu_paged._case_id(c) if "fn" in c else test_gpu_forward._case_id(c))
+
+
+@pytest.fixture(params=DESIGNS)
+def design(request, monkeypatch):
+    """Makes dispatch pick `request.param` for head dim 512."""
+    from jax_fa4 import dispatch
+    from jax_fa4.kernels import config
+
+    heuristic = config.sm90_forward_tile
+
+    def tile(*args, **kwargs):
+        t = heuristic(*args, **kwargs)
+        return t if t.design == "fa4" else dataclasses.replace(t, design=request.param)
+
+    monkeypatch.setattr(config, "sm90_forward_tile", tile)
+    monkeypatch.setattr(dispatch, "sm90_forward_tile", tile)
+    return request.param
+
+
+@pytest.mark.parametrize("case", CALLS, ids=[_case_id(c) for c in CALLS])
+def test_hdim512_matches_reference(case, design):
+    if "fn" in case:
+        test_gpu_paged.run_case(case, "fa4")
+    else:
+        test_gpu_forward.run_case(case)
