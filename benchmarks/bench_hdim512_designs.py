@@ -31,25 +31,46 @@ from jax_fa4.kernels.config import ForwardVariant, TileConfig  # noqa: E402
 from jax_fa4.kernels.forward_abi import size_dims  # noqa: E402
 
 HDIM = 512
-# (name, design, group, mask) compiled by --compile.  group > 1: packed GQA.
+
+
+def _v(name, design, group, mask, **extra):
+    return dict(name=name, design=design, group=group, mask=mask, **extra)
+
+
+# What --compile builds.  group > 1: packed GQA.  kind: dense / varlen (q and kv packed)
+# / paged (dense q, paged kv: by TMA when the page is one 64-row K/V tile, else cp.async).
 VARIANTS = [
-    (f"{design}_g{g}_{mask}", design, g, mask)
+    _v(f"{design}_g{g}_{mask}", design, g, mask, kind="dense")
     for design in ("split_k", "split_pv")
     for g in (8, 1)
     for mask in ("causal", "none")
-] + [("split_k_g8_local", "split_k", 8, "local")]
-# Timed shapes (b, s, h, h_kv).
-BENCH_SHAPES = [(2, 8192, 32, 4), (4, 4096, 8, 8)]
+] + [
+    _v("split_k_g8_local", "split_k", 8, "local", kind="dense"),
+    _v("split_k_g8_causal_softcap", "split_k", 8, "causal", kind="dense", softcap=30.0),
+    _v("split_k_g8_causal_sinks", "split_k", 8, "causal", kind="dense", sinks=True),
+    _v("split_k_g8_causal_varlen", "split_k", 8, "causal", kind="varlen"),
+    _v("split_k_g8_causal_paged_tma", "split_k", 8, "causal", kind="paged", page=64),
+    _v("split_k_g8_causal_paged_cpasync", "split_k", 8, "causal", kind="paged", page=32),
+]
+# Timed shapes (b, s, h, h_kv), dense.
+BENCH_SHAPES = [(2, 8192, 32, 4), (4, 4096, 8, 8), (1, 32768, 16, 2)]
+# XLA materializes the b*h*s*s scores: skipped above this many.
+XLA_MAX_SCORES = 20e9
 CHECK_LENGTHS = (1, 17, 333, 4097)
 LOCAL_WINDOW = (100, 0)  # jax.nn convention (left, right), runtime int32 arguments
 
 
-def variant(design: str, group: int, mask: str) -> ForwardVariant:
+def variant(e: dict) -> ForwardVariant:
+    design, kind, local = e["design"], e["kind"], e["mask"] == "local"
     tile = TileConfig(64, 64, mma_pv_is_rs=design == "split_k", intra_wg_overlap=True,
                       num_stages=1)
-    local = mask == "local"
-    return ForwardVariant("bfloat16", HDIM, HDIM, group, mask, window_left=local,
-                          window_right=local, tile=tile)
+    return ForwardVariant(
+        "bfloat16", HDIM, HDIM, e["group"], e["mask"], window_left=local, window_right=local,
+        softcap=e.get("softcap"), has_sinks=e.get("sinks", False),
+        q_layout="packed" if kind == "varlen" else "dense",
+        kv_layout={"dense": "dense", "varlen": "packed", "paged": "paged"}[kind],
+        has_seqused_k=kind == "paged", paged_tma=kind == "paged" and e["page"] == 64,
+        tile=tile)
 
 
 # ---------------------------------------------------------------- compile (CPU) ----
@@ -61,7 +82,9 @@ def compile_object(design: str, v: ForwardVariant, symbol: str, split_pv_path: s
     from cutlass import Float32, Int32
     from cutlass.cute.runtime import make_ptr
 
-    from jax_fa4.kernels.forward import _tensors
+    from flash_attn.cute import utils as fa_utils
+
+    from jax_fa4.kernels.forward import _PTR_ALIGN, _tensors
     from jax_fa4.kernels.forward_abi import operands
 
     if design == "split_k":
@@ -77,7 +100,9 @@ def compile_object(design: str, v: ForwardVariant, symbol: str, split_pv_path: s
     fa = K(dt, v.head_dim, v.head_dim_v, v.qhead_per_kvhead,
            is_causal=v.mask == "causal", is_local=v.mask == "local", pack_gqa=v.pack_gqa,
            tile_m=t.tile_m, tile_n=t.tile_n, num_stages=t.num_stages, num_threads=384,
-           Q_in_regs=False, intra_wg_overlap=t.intra_wg_overlap, mma_pv_is_rs=t.mma_pv_is_rs)
+           Q_in_regs=False, intra_wg_overlap=t.intra_wg_overlap, mma_pv_is_rs=t.mma_pv_is_rs,
+           score_mod=fa_utils.create_softcap_scoremod(v.softcap) if v.softcap else None,
+           paged_kv_non_tma=v.kv_layout == "paged" and not v.paged_tma)
     local = v.mask == "local"
 
     @cute.jit
@@ -85,12 +110,18 @@ def compile_object(design: str, v: ForwardVariant, symbol: str, split_pv_path: s
         # forward.py's convention: pointers, o, lse, every operand dim, wl, wr, scale.
         wl, wr, scale = args[-3], args[-2], args[-1]
         ts = _tensors(v, args[:-3])
-        fa(ts["q"], ts["k"], ts["v"], ts["o"], ts["lse"], scale, None, None, None, None, None,
+        fa(ts["q"], ts["k"], ts["v"], ts["o"], ts["lse"], scale,
+           ts.get("cu_seqlens_q"), ts.get("cu_seqlens_k"), ts.get("seqused_q"),
+           ts.get("seqused_k"), ts.get("page_table"),
            wl if cutlass.const_expr(local) else None,
-           wr if cutlass.const_expr(local) else None, None, stream=stream)
+           wr if cutlass.const_expr(local) else None, ts.get("sinks"), stream=stream)
 
     gmem = cute.AddressSpace.gmem
-    ptrs = [make_ptr(dt, 16, gmem, assumed_align=16) for _ in operands(v)]
+    ptrs = []
+    for name, _ in operands(v):
+        pdt = dt if name in ("q", "k", "v") else (Float32 if name == "sinks" else Int32)
+        align = _PTR_ALIGN.get(name, 4)
+        ptrs.append(make_ptr(pdt, align, gmem, assumed_align=align))
     ptrs += [make_ptr(dt, 16, gmem, assumed_align=16), make_ptr(Float32, 4, gmem, assumed_align=4)]
     sizes = [Int32(1) for _ in size_dims(v)]
     compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
@@ -102,12 +133,13 @@ def do_compile(out: str, split_pv_path: str | None, only: list[str] | None):
     os.makedirs(out, exist_ok=True)
     mpath = os.path.join(out, "manifest.json")
     manifest = json.load(open(mpath)) if os.path.exists(mpath) else {}
-    for name, design, group, mask in VARIANTS:
+    for e in VARIANTS:
+        name, design = e["name"], e["design"]
         if only and name not in only:
             continue
         if design == "split_pv" and not split_pv_path:
             continue
-        v = variant(design, group, mask)
+        v = variant(e)
         symbol = f"hd512_{name}"
         t0 = time.time()
         try:
@@ -117,80 +149,102 @@ def do_compile(out: str, split_pv_path: str | None, only: list[str] | None):
             continue
         with open(os.path.join(out, name + ".o"), "wb") as f:
             f.write(obj)
-        manifest[name] = dict(design=design, group=group, mask=mask, symbol=symbol,
-                              variant=v.as_dict(), size_dims=size_dims(v))
+        manifest[name] = dict(e, symbol=symbol, variant=v.as_dict(), size_dims=size_dims(v))
         print(f"{name}: {len(obj)} bytes in {time.time() - t0:.0f}s", flush=True)
         with open(mpath, "w") as f:
             json.dump(manifest, f, indent=1)
 
 
 # ------------------------------------------------------------------- run (GPU) ----
-def ffi_attention(entry, obj, q, k, v, window):
-    """The custom call primitive._lower_cuda emits, issued directly with ffi_call."""
+def ffi_attention(entry, obj, ops: dict, window):
+    """The custom call primitive._lower_cuda emits, issued directly with ffi_call.
+    `ops`: operands by forward_abi name; returns (o, lse) laid out as the kernel does."""
     import jax
     import jax.numpy as jnp
 
-    b, s, h, _ = q.shape
-    out_types = (jax.ShapeDtypeStruct((b, s, h, HDIM), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, s), jnp.float32))
-    wl, wr = window
+    from jax_fa4.kernels.forward_abi import operands
+
+    v = ForwardVariant.from_dict(entry["variant"])
+    q = ops["q"]
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if q.ndim == 4 else (q.shape[1], q.shape[0])
+    out_types = (jax.ShapeDtypeStruct(q.shape[:-1] + (HDIM,), q.dtype),
+                 jax.ShapeDtypeStruct(lse_shape, jnp.float32))
     return jax.ffi.ffi_call("jax_fa4_cute_call", out_types)(
-        q, k, v,
+        *[ops[name] for name, _ in operands(v)],
         object=np.frombuffer(obj, dtype=np.uint8),
         symbol=entry["symbol"],
         size_dims=np.asarray(entry["size_dims"], dtype=np.int64).reshape(-1),
-        i32_scalars=np.asarray([wl, wr], dtype=np.int32),
+        i32_scalars=np.asarray(window, dtype=np.int32),
         f32_scalars=np.asarray([1 / math.sqrt(HDIM)], dtype=np.float32),
     )
 
 
-def fa4_window(mask, s):
-    """FA4 window bounds for sq == sk (no alignment offset): jax.nn's (left, right)."""
+def check_case(entry, n, jax, jnp):
+    """(operands, reference (o, lse) in float32) for one check of `entry` at length n."""
+    from jax_fa4 import fallback
+
+    g, kind, hk = entry["group"], entry["kind"], 2
+    window = {"causal": (None, 0), "local": LOCAL_WINDOW, "none": (None, None)}[entry["mask"]]
+    common = dict(scale=1 / math.sqrt(HDIM), window=window, softcap=entry.get("softcap"))
+    key = jax.random.split(jax.random.PRNGKey(n), 4)
+    rnd = lambda i, shape: jax.random.normal(key[i], shape, jnp.bfloat16)  # noqa: E731
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ops = {}
+    if entry.get("sinks"):
+        ops["sinks"] = jax.random.normal(key[3], (hk * g,), jnp.float32)
+    if kind == "dense":
+        ops.update(q=rnd(0, (1, n, hk * g, HDIM)), k=rnd(1, (1, n, hk, HDIM)),
+                   v=rnd(2, (1, n, hk, HDIM)))
+        ref = fallback.reference_attention(f32(ops["q"]), f32(ops["k"]), f32(ops["v"]),
+                                           ops.get("sinks"), **common)
+    elif kind == "varlen":  # three sequences: n, 17 and 333 rows (q and kv alike)
+        lens = [n, 17, 333]
+        cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+        tot = int(cu[-1])
+        ops.update(q=rnd(0, (tot, hk * g, HDIM)), k=rnd(1, (tot, hk, HDIM)),
+                   v=rnd(2, (tot, hk, HDIM)), cu_seqlens_q=cu, cu_seqlens_k=cu)
+        ref = fallback.varlen_fallback(
+            f32(ops["q"]), f32(ops["k"]), f32(ops["v"]), cu, cu, None, None, ops.get("sinks"),
+            max_seqlen_q=max(lens), max_seqlen_k=max(lens), **common)
+    else:  # paged: 3 sequences of n query rows over n, n+50, 2n+7 keys in shuffled pages
+        page = entry["page"]
+        used = np.asarray([n, n + 50, 2 * n + 7], np.int32)
+        per = -(-int(used.max()) // page)
+        pages = np.random.default_rng(n).permutation(3 * per + 5)[: 3 * per].reshape(3, per)
+        ops.update(q=rnd(0, (3, n, hk * g, HDIM)), k=rnd(1, (3 * per + 5, page, hk, HDIM)),
+                   v=rnd(2, (3 * per + 5, page, hk, HDIM)),
+                   seqused_k=jnp.asarray(used), page_table=jnp.asarray(pages, jnp.int32))
+        ref = fallback.paged_fallback(
+            f32(ops["q"]), f32(ops["k"]), f32(ops["v"]), ops["page_table"], ops["seqused_k"],
+            None, None, ops.get("sinks"), max_seqlen_q=n, **common)
+    return ops, ref
+
+
+def fa4_window(mask):
+    """The kernel's runtime window scalars (FA4 convention; sq == sk in the checks)."""
     return LOCAL_WINDOW if mask == "local" else (0, 0)
-
-
-def reference(q, k, v, mask):
-    import jax
-    import jax.numpy as jnp
-
-    g = q.shape[2] // k.shape[2]
-    kf, vf = (jnp.repeat(x.astype(jnp.float32), g, axis=2) for x in (k, v))
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf) / math.sqrt(HDIM)
-    i = jnp.arange(q.shape[1])[:, None]
-    j = jnp.arange(k.shape[1])[None, :]
-    if mask == "causal":
-        s = jnp.where(j <= i, s, -jnp.inf)
-    elif mask == "local":
-        left, right = LOCAL_WINDOW
-        s = jnp.where((j >= i - left) & (j <= i + right), s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    o = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), vf)
-    return o, lse
 
 
 def check(entry, obj, jax, jnp):
     from jax_fa4 import ffi_target
 
-    g, mask = entry["group"], entry["mask"]
     worst = 0.0
     ffi_target.set_poison_outputs(True)
     try:
         for n in CHECK_LENGTHS:
-            hk = 2
-            key = jax.random.split(jax.random.PRNGKey(n), 3)
-            q = jax.random.normal(key[0], (1, n, hk * g, HDIM), jnp.bfloat16)
-            k = jax.random.normal(key[1], (1, n, hk, HDIM), jnp.bfloat16)
-            v = jax.random.normal(key[2], (1, n, hk, HDIM), jnp.bfloat16)
-            o, lse = jax.jit(lambda q, k, v: ffi_attention(entry, obj, q, k, v,
-                                                           fa4_window(mask, n)))(q, k, v)
-            ro, rlse = reference(q, k, v, mask)
+            ops, (ro, rlse) = check_case(entry, n, jax, jnp)
+            o, lse = jax.jit(lambda ops: ffi_attention(entry, obj, ops,
+                                                       fa4_window(entry["mask"])))(ops)
             o32 = o.astype(jnp.float32)
             nan = bool(jnp.isnan(o32).any() | jnp.isnan(lse).any())
             err = float(jnp.linalg.norm(o32 - ro) / jnp.linalg.norm(ro))
-            lerr = float(jnp.max(jnp.abs(lse - rlse)))
-            worst = max(worst, err if not nan else float("inf"))
+            fin = jnp.isfinite(rlse)
+            lerr = float(jnp.max(jnp.where(fin, jnp.abs(lse - rlse), 0.0)))
+            lbad = bool(jnp.any(fin != jnp.isfinite(lse)))
+            worst = max(worst, err if not (nan or lbad) else float("inf"))
             print(f"  check L={n}: rel err {err:.2e}, lse max abs err {lerr:.2e}"
-                  f"{'  NaN!' if nan else ''}", flush=True)
+                  f"{'  NaN!' if nan else ''}{'  lse -inf mismatch!' if lbad else ''}",
+                  flush=True)
     finally:
         ffi_target.set_poison_outputs(False)
     return worst
@@ -236,15 +290,16 @@ def do_run(src: str, json_out: str | None, reps: int, xla: bool):
             fl = 4.0 * b * h * s * s * HDIM / (2 if mask == "causal" else 1)
             row = dict(b=b, s=s, h=h, hk=hk, mask=mask, tflops={})
             for name, entry in manifest.items():
-                if entry["mask"] != mask or entry["group"] != h // hk:
+                if (entry["mask"] != mask or entry["group"] != h // hk or entry["kind"] != "dense"
+                        or entry.get("softcap") or entry.get("sinks")):
                     continue
                 ok = results["checks"].get(name)
                 if not isinstance(ok, float) or ok > 1e-2:
                     continue
                 f = jax.jit(lambda q, k, v, e=entry, o=objs[name]: ffi_attention(
-                    e, o, q, k, v, (0, 0)))
+                    e, o, dict(q=q, k=k, v=v), (0, 0)))
                 row["tflops"][entry["design"]] = fl / time_fn(f, (q, k, v), reps, jax) / 1e12
-            if xla:
+            if xla and b * h * s * s <= XLA_MAX_SCORES:
                 try:
                     f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
                         q, k, v, is_causal=mask == "causal", implementation="xla"))
