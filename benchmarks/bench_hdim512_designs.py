@@ -261,7 +261,7 @@ def time_fn(f, args, reps, jax, warmup=2):
     return (time.perf_counter() - t0) / reps
 
 
-def do_run(src: str, json_out: str | None, reps: int, xla: bool):
+def do_run(src: str, json_out: str | None, reps: int, xla: bool, only: list[str] | None):
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     import jax
     import jax.numpy as jnp
@@ -270,6 +270,7 @@ def do_run(src: str, json_out: str | None, reps: int, xla: bool):
 
     ensure_registered()
     manifest = json.load(open(os.path.join(src, "manifest.json")))
+    manifest = {n: e for n, e in manifest.items() if not only or n in only}
     objs = {n: open(os.path.join(src, n + ".o"), "rb").read() for n in manifest}
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     results = dict(device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
@@ -321,7 +322,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--compile", metavar="OUT")
     p.add_argument("--split-pv", metavar="CHECKOUT", help="tree with forward_hdim512.py")
-    p.add_argument("--only", help="comma-separated variant names to compile")
+    p.add_argument("--only", help="comma-separated variant names to compile / run")
     p.add_argument("--run", metavar="SRC")
     p.add_argument("--json")
     p.add_argument("--reps", type=int, default=20)
@@ -330,7 +331,7 @@ def main():
     if a.compile:
         do_compile(a.compile, a.split_pv, a.only.split(",") if a.only else None)
     if a.run:
-        do_run(a.run, a.json, a.reps, not a.no_xla)
+        do_run(a.run, a.json, a.reps, not a.no_xla, a.only.split(",") if a.only else None)
 
 
 if __name__ == "__main__":
