@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_forward
 
 from jax_fa4.kernels.config import ForwardVariant, TileConfig  # noqa: E402
 from jax_fa4.kernels.forward_abi import size_dims  # noqa: E402
@@ -79,13 +80,10 @@ def compile_object(design: str, v: ForwardVariant, symbol: str, split_pv_path: s
     import cuda.bindings.driver as cuda
     import cutlass
     import cutlass.cute as cute
-    from cutlass import Float32, Int32
-    from cutlass.cute.runtime import make_ptr
 
     from flash_attn.cute import utils as fa_utils
 
-    from jax_fa4.kernels.forward import _PTR_ALIGN, _tensors
-    from jax_fa4.kernels.forward_abi import operands
+    from jax_fa4.kernels.forward import _tensors, compile_launcher
 
     if design == "split_k":
         from jax_fa4.kernels.forward_hdim512_splitk import FlashAttentionForwardSm90SplitK as K
@@ -116,17 +114,7 @@ def compile_object(design: str, v: ForwardVariant, symbol: str, split_pv_path: s
            wl if cutlass.const_expr(local) else None,
            wr if cutlass.const_expr(local) else None, ts.get("sinks"), stream=stream)
 
-    gmem = cute.AddressSpace.gmem
-    ptrs = []
-    for name, _ in operands(v):
-        pdt = dt if name in ("q", "k", "v") else (Float32 if name == "sinks" else Int32)
-        align = _PTR_ALIGN.get(name, 4)
-        ptrs.append(make_ptr(pdt, align, gmem, assumed_align=align))
-    ptrs += [make_ptr(dt, 16, gmem, assumed_align=16), make_ptr(Float32, 4, gmem, assumed_align=4)]
-    sizes = [Int32(1) for _ in size_dims(v)]
-    compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
-                            Float32(1.0))
-    return compiled.dump_to_object(symbol)
+    return compile_launcher(launch, v, symbol)
 
 
 def do_compile(out: str, split_pv_path: str | None, only: list[str] | None):
@@ -250,21 +238,12 @@ def check(entry, obj, jax, jnp):
     return worst
 
 
-def time_fn(f, args, reps, jax, warmup=2):
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(reps):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
-
-
 def do_run(src: str, json_out: str | None, reps: int, xla: bool, only: list[str] | None):
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     import jax
     import jax.numpy as jnp
+
+    from bench_forward import time_jax
 
     from jax_fa4.ffi_target import ensure_registered
 
@@ -299,13 +278,13 @@ def do_run(src: str, json_out: str | None, reps: int, xla: bool, only: list[str]
                     continue
                 f = jax.jit(lambda q, k, v, e=entry, o=objs[name]: ffi_attention(
                     e, o, dict(q=q, k=k, v=v), (0, 0)))
-                row["tflops"][entry["design"]] = fl / time_fn(f, (q, k, v), reps, jax) / 1e12
+                row["tflops"][entry["design"]] = fl / time_jax(f, (q, k, v), reps) / 1e12
             if xla and b * h * s * s <= XLA_MAX_SCORES:
                 try:
                     f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
                         q, k, v, is_causal=mask == "causal", implementation="xla"))
-                    row["tflops"]["xla"] = fl / time_fn(f, (q, k, v), max(3, reps // 4),
-                                                        jax, warmup=1) / 1e12
+                    row["tflops"]["xla"] = fl / time_jax(f, (q, k, v), max(3, reps // 4),
+                                                         warmup=1) / 1e12
                 except Exception as e:
                     row["tflops"]["xla"] = None
                     row["xla_error"] = f"{type(e).__name__}: {str(e)[:200]}"
