@@ -45,7 +45,10 @@ Shared memory (bf16, hdim 512, tile 64 x 64, one K/V stage), each 1024 B aligned
   = 225 KiB of the 227 KiB an SM90 block may use.
 
 Registers (240 per MMA thread): O 128 fp32, S 32, P 16 (bf16 pairs), the other
-warpgroup's partial S 32 while adding, softmax row stats.
+warpgroup's partial S 32 while adding, softmax row stats: no spills (ptxas -v on the
+PTX, CUTE_DSL_KEEP=ptx).  Keeping the Q half in registers for an RS QK^T (64 more
+registers per thread, half the QK^T shared-memory reads) was tried: it spills, so
+QK^T stays SS.
 """
 from __future__ import annotations
 
