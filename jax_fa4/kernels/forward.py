@@ -119,7 +119,13 @@ _PTR_ALIGN = {"q": 16, "k": 16, "v": 16}
 
 def compile_forward(v: ForwardVariant) -> bytes:
     """Compiles `v` for sm_90a and returns the ELF object holding launcher and cubin."""
-    launch = _make_launcher(v)
+    return compile_launcher(_make_launcher(v), v, v.symbol)
+
+
+def compile_launcher(launch, v: ForwardVariant, symbol: str) -> bytes:
+    """Compiles a `@cute.jit` launcher taking this module's argument convention for `v`
+    (operand pointer types and alignments, int32 sizes, window and scale scalars) and
+    returns the ELF object exporting it as `symbol`."""
     dt = _DTYPES[v.dtype]
     gmem = cute.AddressSpace.gmem
     ptrs = []
@@ -131,4 +137,4 @@ def compile_forward(v: ForwardVariant) -> bytes:
     sizes = [Int32(1) for _ in size_dims(v)]
     compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
                             Float32(1.0))
-    return compiled.dump_to_object(v.symbol)
+    return compiled.dump_to_object(symbol)
