@@ -1,6 +1,6 @@
 """Head dim 512 forward throughput (Gemma-4 global attention shapes): jax_fa4 vs XLA
-(cuDNN has no head dim 512), plus direct launches of both head-dim-512 designs
-(kernels/forward_hdim512.py: split-PV and single-QK) whatever the default is.
+(cuDNN has no head dim 512), plus direct launches of the head-dim-512 designs
+(split-K exchange, split-PV; single-QK with BENCH_HDIM512_DESIGNS) whatever the default is.
 
   python benchmarks/bench_hdim512.py --out hdim512.json
 
@@ -24,8 +24,11 @@ from bench_forward import DirectLauncher, bench_one, flops, jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jax_fa4.dispatch import DenseCall, KernelPlan, plan_dense  # noqa: E402
+from jax_fa4.kernels.config import hdim512_tile  # noqa: E402
 
-DESIGNS = ("split_pv", "single_qk")
+# Designs launched directly besides jax_fa4's default (split_k); BENCH_HDIM512_DESIGNS
+# overrides (comma list).
+DESIGNS = tuple(os.environ.get("BENCH_HDIM512_DESIGNS", "split_k,split_pv").split(","))
 
 SHAPES = [dict(b=2, s=8192, h=32, hk=4), dict(b=4, s=4096, h=8, hk=8),
           dict(b=1, s=32768, h=16, hk=2)]
@@ -42,8 +45,8 @@ def design_plans(cfg):
                   heads_q=cfg["h"], heads_k=cfg["hk"], head_dim=512, head_dim_v=512,
                   window=(None, 0) if cfg["causal"] else (None, None))
     p = plan_dense(c)
-    return {d: KernelPlan(dataclasses.replace(p.variant, tile=dataclasses.replace(
-        p.variant.tile, design=d)), p.window_left, p.window_right) for d in DESIGNS}
+    return {d: KernelPlan(dataclasses.replace(p.variant, tile=hdim512_tile(d)),
+                          p.window_left, p.window_right) for d in DESIGNS}
 
 
 def time_designs(cfg, direct, reps):

@@ -1,4 +1,4 @@
-"""GPU test matrix for head dim 512 (the split-PV kernel, kernels/forward_hdim512.py),
+"""GPU test matrix for head dim 512 (kernels/forward_hdim512_splitk.py, forward_hdim512.py),
 shared by tests/test_gpu_hdim512.py and `python -m jax_fa4.precompile --calls`.
 
 Dense: mask {none, causal, causal window (1023, 0)} x GQA {1, 8} x lengths
@@ -15,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when prec
 from gpu_cases_paged import paged_case, varlen_case  # noqa: E402
 
 D = 512
-DESIGNS = ("split_pv", "single_qk")  # kernels/forward_hdim512.py; the first is the default
+# The designs the GPU test runs: split_k (the default) and split_pv; JAX_FA4_TEST_HDIM512_DESIGNS
+# (comma list) overrides, e.g. "single_qk" for that design on its own.
+DESIGNS = tuple(os.environ.get("JAX_FA4_TEST_HDIM512_DESIGNS", "split_k,split_pv").split(","))
 MASKS = {"none": {}, "causal": {"is_causal": True}, "window": {"local_window_size": (1023, 0)}}
 
 
@@ -65,8 +67,10 @@ def precompile_designs(cache_dir=None):
     if cache_dir:
         os.environ["JAX_FA4_CACHE_DIR"] = cache_dir
     os.environ["JAX_FA4_COMPILE"] = "auto"
+    from jax_fa4.kernels.config import HDIM512_DESIGNS, hdim512_tile
+
     for v in precompile.variants_from_calls(os.path.abspath(__file__)):
-        for d in DESIGNS:
-            w = dataclasses.replace(v, tile=dataclasses.replace(v.tile, design=d))
+        for d in HDIM512_DESIGNS:
+            w = dataclasses.replace(v, tile=hdim512_tile(d))
             print(w.describe(), flush=True)
             get_object(w)

@@ -1,12 +1,12 @@
 """Head dim 512 on an SM90 GPU vs float32 references: dense, varlen and paged, for
-both kernel designs (kernels/forward_hdim512.py: split-PV, the default, and single-QK)
+the kernel designs (split-K exchange, the default, and split-PV; single-QK on request:
+see gpu_cases_hdim512.DESIGNS)
 (marker `gpu`; skipped elsewhere).  Matrix: tests/gpu_cases_hdim512.py; the checks are
 test_gpu_forward's and test_gpu_paged's (poisoned outputs, no NaN, rel. error <= 1e-2).
 
 The non-default design is selected by patching the tile heuristic for the test; its
 kernel objects are built by `gpu_cases_hdim512.precompile_designs()` (see there).
 """
-import dataclasses
 import os
 import sys
 
@@ -37,7 +37,7 @@ def design(request, monkeypatch):
 
     def tile(*args, **kwargs):
         t = heuristic(*args, **kwargs)
-        return t if t.design == "fa4" else dataclasses.replace(t, design=request.param)
+        return t if t.design == "fa4" else config.hdim512_tile(request.param)
 
     monkeypatch.setattr(config, "sm90_forward_tile", tile)
     monkeypatch.setattr(dispatch, "sm90_forward_tile", tile)

@@ -1,5 +1,5 @@
-"""Head dim 512 (Gemma-4 global attention) on CPU: dispatch picks the split-PV kernel
-(kernels/forward_hdim512.py) with its tile, rejects the head-dim pairs it cannot take,
+"""Head dim 512 (Gemma-4 global attention) on CPU: dispatch picks the split-K-exchange
+kernel (kernels/forward_hdim512_splitk.py) with its tile, rejects the head-dim pairs it cannot take,
 cross-lowers dense and paged calls to the custom call (compiling the variant), and the
 CPU fallback matches the reference on a sample of the GPU matrix."""
 import dataclasses
@@ -12,7 +12,8 @@ import pytest
 
 import jax_fa4
 from jax_fa4.dispatch import DenseCall, Unsupported, VarlenCall, plan_dense, plan_varlen
-from jax_fa4.kernels import ForwardVariant, TileConfig, get_object
+from jax_fa4.kernels import ForwardVariant, get_object
+from jax_fa4.kernels.config import HDIM512_DESIGNS, hdim512_tile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_cases_hdim512 import CALLS  # noqa: E402
@@ -22,8 +23,7 @@ from test_paged_fallback import _lower_cuda, _one_call_signature  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 SDS = jax.ShapeDtypeStruct
-SPLIT_PV = TileConfig(64, 64, mma_pv_is_rs=False, intra_wg_overlap=True, num_stages=1,
-                      design="split_pv")
+SPLIT_K = hdim512_tile("split_k")
 
 
 def dense(d=512, dv=512, heads=(32, 4), **kw):
@@ -32,11 +32,14 @@ def dense(d=512, dv=512, heads=(32, 4), **kw):
                      window=kw.pop("window", (None, None)), **kw)
 
 
-def test_plan_takes_split_pv():
+def test_plan_takes_split_k():
     p = plan_dense(dense(window=(None, 0)))
-    assert p.variant.tile == SPLIT_PV
+    assert p.variant.tile == SPLIT_K
+    assert (SPLIT_K.tile_m, SPLIT_K.tile_n, SPLIT_K.num_stages, SPLIT_K.mma_pv_is_rs) == (
+        64, 64, 1, True)
     assert p.variant.mask == "causal" and p.variant.qhead_per_kvhead == 8
-    assert "split_pv" in p.variant.describe()
+    assert "split_k" in p.variant.describe()
+    assert not hdim512_tile("split_pv").mma_pv_is_rs  # P through shared memory
 
 
 @pytest.mark.parametrize("d,dv", [(512, 256), (256, 512), (64, 512), (384, 384), (520, 520)])
@@ -51,10 +54,12 @@ def test_older_variant_keys_are_unchanged():
     assert "design" not in v.key()
     assert ForwardVariant.from_dict(v.as_dict()) == v
     w = ForwardVariant("bfloat16", 512, 512, 8, mask="causal")
-    assert '"design": "split_pv"' in w.key()
+    assert '"design": "split_k"' in w.key()
     assert ForwardVariant.from_dict(w.as_dict()) == w
     with pytest.raises(ValueError, match="design"):
-        dataclasses.replace(SPLIT_PV, design="nope")
+        dataclasses.replace(SPLIT_K, design="nope")
+    with pytest.raises(ValueError, match="design"):
+        hdim512_tile("fa4")
 
 
 @pytest.mark.parametrize("page_size,tma", [(64, True), (16, False), (128, False)])
@@ -62,9 +67,9 @@ def test_paged_takes_tma_for_64_token_pages(page_size, tma):
     c = VarlenCall(dtype="bfloat16", q_layout="dense", kv_layout="paged", batch=2,
                    total_q=2, heads_q=16, heads_k=2, head_dim=512, head_dim_v=512,
                    kv_rows=64 * page_size, window=(None, 0), has_seqused_k=True,
-                   page_size=page_size)
+                   page_size=page_size, max_pages=32)
     v = plan_varlen(c).variant
-    assert v.paged_tma is tma and v.tile.tile_n == 64 and v.tile.design == "split_pv"
+    assert v.paged_tma is tma and v.tile.tile_n == 64 and v.tile.design == "split_k"
 
 
 def test_explain_names_unsupported_pair():
@@ -83,18 +88,18 @@ def test_dense_call_lowers_to_custom_call():
     assert c.result_types == ["tensor<2x333x32x512xbf16>", "tensor<2x32x333xf32>"]
     assert c.f32 == [pytest.approx(512 ** -0.5)]
     v = ForwardVariant("bfloat16", 512, 512, 8, mask="causal")
-    assert v.tile == SPLIT_PV and c.symbol == v.symbol
+    assert v.tile == SPLIT_K and c.symbol == v.symbol
     assert c.object[:4] == b"\x7fELF" and c.object == get_object(v)
 
 
 @compiles
-@pytest.mark.parametrize("design", ["split_pv", "single_qk"])
-def test_both_designs_compile(design):
-    """Both head-dim-512 kernels build for a varlen variant with every optional feature
+@pytest.mark.parametrize("design", HDIM512_DESIGNS)
+def test_every_design_compiles(design):
+    """Every head-dim-512 kernel builds for a varlen variant with every optional feature
     (window bounds, softcap, sinks, packed GQA)."""
     v = ForwardVariant("bfloat16", 512, 512, 4, mask="local", window_left=True,
                        window_right=True, softcap=30.0, has_sinks=True, q_layout="packed",
-                       kv_layout="packed", tile=dataclasses.replace(SPLIT_PV, design=design))
+                       kv_layout="packed", tile=hdim512_tile(design))
     assert get_object(v)[:4] == b"\x7fELF"
 
 

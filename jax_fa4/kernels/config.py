@@ -23,9 +23,11 @@ DTYPES = ("bfloat16", "float16")
 MASKS = ("none", "causal", "local")
 Q_LAYOUTS = ("dense", "packed")
 KV_LAYOUTS = ("dense", "packed", "paged")
-# Kernel designs: FA4's own SM90 forward, or kernels/forward_hdim512.py's split-PV or
-# single-QK forward for value head dims above WGMMA's N limit of 256.
-DESIGNS = ("fa4", "split_pv", "single_qk")
+# Kernel designs: FA4's own SM90 forward, or one of the head-dim-512 forwards for value
+# head dims above WGMMA's N limit of 256: split_k (kernels/forward_hdim512_splitk.py,
+# the default: fastest, measured), split_pv and single_qk (kernels/forward_hdim512.py).
+DESIGNS = ("fa4", "split_k", "split_pv", "single_qk")
+HDIM512_DESIGNS = DESIGNS[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +50,23 @@ class TileConfig:
         return d
 
 
+def hdim512_tile(design: str) -> TileConfig:
+    """The tile of a head-dim-512 design: 64 x 64 and one K/V stage are what fits the
+    64 KiB Q, K and V tiles in shared memory.  split_k keeps P in registers (each
+    warpgroup holds the whole S after the exchange); split_pv and single_qk pass P
+    through shared memory."""
+    if design not in HDIM512_DESIGNS:
+        raise ValueError(f"design must be one of {HDIM512_DESIGNS}, got {design!r}")
+    return TileConfig(64, 64, design == "split_k", True, num_stages=1, design=design)
+
+
 def sm90_forward_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> TileConfig:
     """FA4 4.0.0b36's SM90 forward tile heuristic (`_tile_size_fwd_sm90`), benchmarked
     by FA4's authors on H100 SXM; mirrored here so that choosing a tile needs no GPU
     and no import of flash_attn.  Value head dims above 256 (FA4 stops at 256) take the
-    split-PV kernel: 64 x 64 tiles, one K/V stage and P in shared memory are what fits
-    hdim 512's 64 KiB Q, K and V tiles in shared memory (forward_hdim512.py)."""
+    split-K-exchange kernel (hdim512_tile)."""
     if head_dim_v > 256:
-        return TileConfig(64, 64, False, True, num_stages=1, design="split_pv")
+        return hdim512_tile("split_k")
     if head_dim <= 64:
         return TileConfig(192, 128, True, True)
     if head_dim <= 96:

@@ -27,9 +27,11 @@ from .forward_hdim512 import (  # noqa: E402
     FlashAttentionForwardSm90SingleQK,
     FlashAttentionForwardSm90SplitPV,
 )
+from .forward_hdim512_splitk import FlashAttentionForwardSm90SplitK  # noqa: E402
 
 _DTYPES = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}
-_KERNELS = {"fa4": FlashAttentionForwardSm90, "split_pv": FlashAttentionForwardSm90SplitPV,
+_KERNELS = {"fa4": FlashAttentionForwardSm90, "split_k": FlashAttentionForwardSm90SplitK,
+            "split_pv": FlashAttentionForwardSm90SplitPV,
             "single_qk": FlashAttentionForwardSm90SingleQK}
 
 
