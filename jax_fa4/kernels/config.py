@@ -9,8 +9,10 @@ dispatch layer can name a variant on hosts without the compiler.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import pathlib
 
 # FA4 and the CuTe DSL are pinned: our launchers depend on their internals, and
 # a kernel object built by other versions must never be mistaken for ours.
@@ -28,6 +30,18 @@ KV_LAYOUTS = ("dense", "packed", "paged")
 # the default: fastest, measured), split_pv and single_qk (kernels/forward_hdim512.py).
 DESIGNS = ("fa4", "split_k", "split_pv", "single_qk")
 HDIM512_DESIGNS = DESIGNS[1:]
+
+
+@functools.cache
+def kernel_source_digest() -> str:
+    """A digest of this package's kernel sources (every .py file of jax_fa4/kernels).
+    It is part of every variant's key, so a cached object built by other kernel code
+    (an older checkout, a branch) is never loaded: it is rebuilt, or reported missing
+    where compiling is off.  Reads files only; imports nothing."""
+    h = hashlib.sha256()
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +166,7 @@ class ForwardVariant:
                 "abi": LAUNCHER_ABI,
                 "fa4": FA4_VERSION,
                 "cutlass_dsl": CUTLASS_DSL_VERSION,
+                "source": kernel_source_digest(),
                 **self.as_dict(),
             },
             sort_keys=True,
