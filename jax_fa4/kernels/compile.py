@@ -8,6 +8,7 @@ import sys
 import time
 
 from .cache import MissingKernelError
+from .backward_config import BackwardVariant
 from .config import CUTLASS_DSL_VERSION, FA4_VERSION, ForwardVariant
 
 logger = logging.getLogger("jax_fa4")
@@ -36,16 +37,21 @@ def check_toolchain() -> None:
         )
 
 
-def compile_variant(variant: ForwardVariant, *, verbose: bool = False) -> bytes:
+def compile_variant(variant: ForwardVariant | BackwardVariant, *, verbose: bool = False) -> bytes:
     check_toolchain()
     t0 = time.perf_counter()
     msg = f"jax_fa4: compiling [{variant.describe()}]"
     if verbose:
         print(msg + " ...", file=sys.stderr, flush=True)
     logger.info(msg)
-    from .forward import compile_forward
+    if isinstance(variant, BackwardVariant):
+        from .backward import compile_backward
 
-    obj = compile_forward(variant)
+        obj = compile_backward(variant)
+    else:
+        from .forward import compile_forward
+
+        obj = compile_forward(variant)
     dt = time.perf_counter() - t0
     logger.info("jax_fa4: compiled %s in %.1fs (%d bytes)", variant.symbol, dt, len(obj))
     if verbose:
