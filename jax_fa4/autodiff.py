@@ -34,7 +34,7 @@ def _bwd(params, res, cts):
     args, o, lse = res
     do, dlse = cts
     floats = {k: x for k, x in args.items() if jnp.issubdtype(x.dtype, jnp.floating)}
-    grads = gradients(floats, o, lse, do.astype(o.dtype), dlse.astype(jnp.float32), params)
+    grads = gradients(args, o, lse, do.astype(o.dtype), dlse.astype(jnp.float32), params)
     zeros = {k: np.zeros(x.shape, jax.dtypes.float0) for k, x in args.items()
              if k not in floats}
     return ({**{k: grads[k].astype(x.dtype) for k, x in floats.items()}, **zeros},)

@@ -40,8 +40,8 @@ _GRAD_OF = {"dq": "q", "dk": "k", "dv": "v", "dsinks": "sinks"}
 
 
 def gradients(args: dict, o, lse, do, dlse, fwd: FwdParams) -> dict:
-    """Gradients of a forward call (forward_abi operand name -> cotangent; float
-    operands only): FA4's backward where it runs, else the pure-JAX backward."""
+    """Gradients of a forward call with operands `args` (forward_abi names): name ->
+    cotangent of each float operand.  FA4's backward where it runs, else pure JAX."""
     try:
         plan = plan_backward(fwd.plan)
     except Unsupported:
