@@ -19,7 +19,7 @@ import numpy as np
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
-from . import fallback_backward
+from . import fallback, fallback_backward
 from .dispatch import BackwardPlan, Unsupported, device_reason, plan_backward
 from .ffi_target import TARGET, ensure_registered
 from .kernels import MissingKernelError, get_object
@@ -49,7 +49,21 @@ def gradients(args: dict, o, lse, do, dlse, fwd: FwdParams) -> dict:
     params = BwdParams(fwd, plan)
     vals = dict(args, o=o, lse=lse, do=do, dlse=dlse)
     outs = fa4_bwd_p.bind(*(vals[n] for n, _ in operands(plan.variant)), params=params)
-    return {_GRAD_OF[n]: x for n, x in zip(gradient_names(plan.variant), outs)}
+    grads = {_GRAD_OF[n]: x for n, x in zip(gradient_names(plan.variant), outs)}
+    if plan.variant.layout == "packed":
+        _zero_rows_outside_sequences(grads, args)
+    return grads
+
+
+def _zero_rows_outside_sequences(grads: dict, a: dict) -> None:
+    """Packed rows that belong to no sequence (past seqused, or after cu_seqlens[-1])
+    get zero gradients; the kernels never visit them."""
+    for side, names in (("q", ("q",)), ("k", ("k", "v"))):
+        cu = a[f"cu_seqlens_{side}"]
+        used = a.get(f"seqused_{side}", cu[1:] - cu[:-1])
+        _, _, ok = fallback.packed_rows(cu, used, a[side].shape[0])
+        for n in names:
+            grads[n] = jnp.where(ok[:, None, None], grads[n], 0).astype(grads[n].dtype)
 
 
 def _pure_jax(args, o, lse, do, dlse, fwd: FwdParams) -> dict:

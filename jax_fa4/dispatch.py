@@ -238,6 +238,8 @@ def plan_backward(plan: KernelPlan) -> BackwardPlan:
             f"head dims ({fv.head_dim}, {fv.head_dim_v}) have no SM90 backward kernel "
             f"(FA4's SM90 backward covers {sorted(_BWD_HEAD_DIMS)}, at most "
             f"{BWD_MAX_HEAD_DIM})")
+    if fv.qhead_per_kvhead > 1 and fv.head_dim != fv.head_dim_v:
+        raise Unsupported("FA4's GQA backward needs head_dim == value head_dim")
     variant = BackwardVariant(
         dtype=fv.dtype, head_dim=fv.head_dim, head_dim_v=fv.head_dim_v,
         qhead_per_kvhead=fv.qhead_per_kvhead, mask=fv.mask, window_left=fv.window_left,

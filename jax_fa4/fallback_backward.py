@@ -47,18 +47,22 @@ def dense_backward(q, k, v, o, do, lse, dlse, sinks=None, *, scale, softcap=None
     n_chunks = -(-s // c)
     pad = n_chunks * c - s
 
-    qg = q.astype(f).reshape(b, t, kh, g, h)
-    dog = do.astype(f).reshape(b, t, kh, g, hv)
-    delta = jnp.sum(do.astype(f) * o.astype(f), axis=-1)  # (B, T, N)
-    delta = jnp.moveaxis(delta, 1, 2).reshape(b, kh, g, t) - dlse.astype(f).reshape(b, kh, g, t)
-    lse_g = lse.astype(f).reshape(b, kh, g, t)
-    # A row that sees nothing (lse = -inf) has P = 0: exp(S - inf).
-    lse_g = jnp.where(jnp.isneginf(lse_g), jnp.inf, lse_g)
-
     tq = jnp.arange(t)[None, :, None]  # (1, T, 1)
     lq = jnp.full((b,), t) if len_q is None else len_q
     lk = jnp.full((b,), s) if len_k is None else len_k
     lq, lk = lq[:, None, None], lk[:, None, None]
+    # Rows past a sequence's length hold whatever the kernel left there (its out and
+    # lse are unwritten): keep them out of every product.
+    row_ok = (tq[..., 0] < lq[..., 0])[:, None, None, :]  # (B, 1, 1, T)
+
+    qg = q.astype(f).reshape(b, t, kh, g, h)
+    dog = do.astype(f).reshape(b, t, kh, g, hv)
+    delta = jnp.sum(do.astype(f) * o.astype(f), axis=-1)  # (B, T, N)
+    delta = jnp.moveaxis(delta, 1, 2).reshape(b, kh, g, t) - dlse.astype(f).reshape(b, kh, g, t)
+    delta = jnp.where(row_ok, delta, 0)
+    lse_g = lse.astype(f).reshape(b, kh, g, t)
+    # A row that sees nothing (lse = -inf) has P = 0: exp(S - inf).
+    lse_g = jnp.where(jnp.isneginf(lse_g) | ~row_ok, jnp.inf, lse_g)
     pos = tq + (lk - lq if bottom_right else 0)
     left, right = window
 
@@ -99,8 +103,7 @@ def dense_backward(q, k, v, o, do, lse, dlse, sinks=None, *, scale, softcap=None
     dsinks = None
     if sinks is not None:
         p_sink = jnp.exp(sinks.astype(f).reshape(kh, g)[None, :, :, None] - lse_g)
-        rows = (tq[..., 0] < lq[..., 0])[:, None, None, :]  # (B, 1, 1, T)
-        dsinks = -jnp.sum(jnp.where(rows, p_sink * delta, 0), axis=(0, 3)).reshape(n)
+        dsinks = -jnp.sum(p_sink * delta, axis=(0, 3)).reshape(n)
         dsinks = dsinks.astype(sinks.dtype)
     return (dq.reshape(b, t, n, h).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             dsinks)
