@@ -15,14 +15,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_forward
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jax_fa4  # noqa: E402
+from bench_forward import flops, time_jax  # noqa: E402  (same timing as the forward)
 
 CONFIGS = [dict(b=4, s=8192, h=16, hk=16, d=128), dict(b=4, s=8192, h=32, hk=32, d=64),
            dict(b=4, s=8192, h=8, hk=8, d=256), dict(b=16, s=2048, h=16, hk=16, d=128),
@@ -34,22 +35,6 @@ CALLS = [dict(query=((c["b"], c["s"], c["h"], c["d"]), "bfloat16"),
               key=((c["b"], c["s"], c["hk"], c["d"]), "bfloat16"),
               value=((c["b"], c["s"], c["hk"], c["d"]), "bfloat16"), is_causal=causal)
          for c in CONFIGS for causal in (False, True)]
-
-
-def fwd_flops(b, h, s, d, causal):
-    f = 4.0 * b * h * s * s * d
-    return f / 2 if causal else f
-
-
-def time_jax(fn, args, reps, warmup=3):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(reps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
 
 
 def _attn(name, causal):
@@ -66,7 +51,7 @@ def bench_one(cfg, reps, backends):
     k = jax.random.normal(ks[1], (b, s, hk, d), jnp.bfloat16)
     v = jax.random.normal(ks[2], (b, s, hk, d), jnp.bfloat16)
     do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
-    fl = fwd_flops(b, h, s, d, causal)
+    fl = flops(b, h, s, s, d, causal)
     res = dict(cfg, dtype="bfloat16", fwd_tflops={}, bwd_tflops={}, bwd_ms={})
     for name in backends:
         try:
