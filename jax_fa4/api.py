@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import fallback
-from .dispatch import DenseCall, Unsupported, plan_dense, platform_reason
+from . import fallback, fallback_backward
+from .dispatch import (BWD_MAX_HEAD_DIM, DenseCall, Unsupported, plan_backward, plan_dense,
+                       platform_reason)
 from .autodiff import fa4_call
 from .primitive import FwdParams
 from . import sharding  # noqa: F401  (multi-device jit: the primitive's partitioning rule)
@@ -182,29 +183,48 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
                                   "or a value head_dim different from the key's")
     # Otherwise jax.nn (XLA) when it expresses the call.  return_residual takes jax_fa4's
     # own attention instead (jax.nn's residual is rounded to the input dtype and carries
-    # no gradient), and so does float16 (jax.nn's F16_F16_F32 dot does not lower on CPU).
-    if can_jax_nn and not return_residual and q.dtype != jnp.float16:
+    # no gradient), and so does float16 (jax.nn's F16_F16_F32 dot does not lower on CPU),
+    # and so do head dims beyond the SM90 backward's (jax_fa4's has a chunked backward).
+    if (can_jax_nn and not return_residual and q.dtype != jnp.float16
+            and max(call.head_dim, call.head_dim_v) <= BWD_MAX_HEAD_DIM):
         o = jax.nn.dot_product_attention(q, k, v, bias, mask, **nn_kwargs)
         return o[0] if squeeze else o
+    if bias is None and mask is None:  # gradient: the memory-frugal pure-JAX backward
+        return finish(*fallback_backward.reference_attention(q, k, v, sinks, scale, window,
+                                                             softcap))
     return finish(*fallback.reference_attention(
         q, k, v, sinks, scale=scale, window=window, softcap=softcap, bias=bias, mask=mask))
 
 
 def explain(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-            local_window_size=None, logits_soft_cap=None, sinks=None, platform=None):
+            local_window_size=None, logits_soft_cap=None, sinks=None, platform=None,
+            backward=False):
     """Why `attention(...)` with these arguments would not run the FA4 kernel, or None
     if it would.  Arguments may be arrays or jax.ShapeDtypeStruct.  platform: where it
-    would run ('cuda', 'cpu', ...); default: JAX's default backend."""
+    would run ('cuda', 'cpu', ...); default: JAX's default backend.  backward=True: why
+    its gradient would not run FA4's SM90 backward kernel (the reason starts with
+    'backward: ' when only the backward falls back to pure JAX), or None."""
     q, k, v, sinks, scale, softcap, window = _validate(
         query, key, value, bias, mask, scale, is_causal, local_window_size, logits_soft_cap,
         sinks, None)
     if q.ndim == 3:
         q, k, v = (jax.ShapeDtypeStruct((1,) + x.shape, x.dtype) for x in (q, k, v))
     try:
-        plan_dense(_describe(q, k, v, window, softcap, sinks, bias, mask))
+        plan = plan_dense(_describe(q, k, v, window, softcap, sinks, bias, mask))
+        if backward:
+            backward_reason(plan)
     except Unsupported as e:
         return str(e)
     return platform_reason(platform)
+
+
+def backward_reason(plan) -> None:
+    """Raises Unsupported('backward: ...') if the forward `plan`'s gradient takes the
+    pure-JAX backward."""
+    try:
+        plan_backward(plan)
+    except Unsupported as e:
+        raise Unsupported(f"backward: {e}") from None
 
 
 def is_supported(*args, **kwargs) -> bool:

@@ -1,8 +1,10 @@
 """Gradients for the forward primitive.
 
-Until the native FA4 backward lands, the VJP recomputes attention in pure JAX (the
-same function as the non-CUDA fallback: float32 softmax) and differentiates that.
-Integer operands (cu_seqlens, seqused, page tables) get float0 cotangents.
+The forward saves its operands, out and lse; the backward runs FA4's SM90 backward
+(backward_primitive.py) when `dispatch.plan_backward` accepts the call, else a
+memory-frugal pure-JAX backward (fallback_backward.py) from the same residuals.
+The lse cotangent (return_residual) enters as dLSE.  Integer operands (cu_seqlens,
+seqused, page tables) get float0 cotangents.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .primitive import FwdParams, fa4_forward, fallback_call
+from .backward_primitive import gradients
+from .primitive import FwdParams, fa4_forward
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -23,16 +26,18 @@ def fa4_call(args: dict, params: FwdParams):
 
 
 def _fwd(args, params):
-    return fa4_forward(args, params), args
+    o, lse = fa4_forward(args, params)
+    return (o, lse), (args, o, lse)
 
 
-def _bwd(params, args, cts):
+def _bwd(params, res, cts):
+    args, o, lse = res
+    do, dlse = cts
     floats = {k: x for k, x in args.items() if jnp.issubdtype(x.dtype, jnp.floating)}
-    ints = {k: x for k, x in args.items() if k not in floats}
-    _, vjp = jax.vjp(lambda fl: fallback_call({**fl, **ints}, params), floats)
-    (grads,) = vjp(tuple(cts))
-    zeros = {k: np.zeros(x.shape, jax.dtypes.float0) for k, x in ints.items()}
-    return ({**grads, **zeros},)
+    grads = gradients(args, o, lse, do.astype(o.dtype), dlse.astype(jnp.float32), params)
+    zeros = {k: np.zeros(x.shape, jax.dtypes.float0) for k, x in args.items()
+             if k not in floats}
+    return ({**{k: grads[k].astype(x.dtype) for k, x in floats.items()}, **zeros},)
 
 
 fa4_call.defvjp(_fwd, _bwd)

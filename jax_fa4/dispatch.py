@@ -11,6 +11,8 @@ import dataclasses
 
 import jax
 
+from .kernels.backward_config import MAX_HEAD_DIM as BWD_MAX_HEAD_DIM
+from .kernels.backward_config import BackwardVariant
 from .kernels.config import ForwardVariant, sm90_forward_tile
 from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
 from .kernels.split import choose_num_splits, split_variant
@@ -264,3 +266,41 @@ def device_reason() -> str | None:
         if cc is not None and not str(cc).startswith("9"):
             return f"device {d} has compute capability {cc}; the FA4 kernels need 9.x (Hopper)"
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# Backward: whether a call whose forward runs the kernel gets FA4's SM90 backward.
+
+# Head dims whose SM90 backward tiles FA4 configures for (and our GPU tests cover);
+# others take the pure-JAX backward.
+_BWD_HEAD_DIMS = {(64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256)}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    variant: BackwardVariant
+    window_left: int  # same runtime bounds as the forward's
+    window_right: int
+
+
+def plan_backward(plan: KernelPlan) -> BackwardPlan:
+    """The backward kernel for a call whose forward runs `plan`, or raises Unsupported
+    with the reason (then the gradient is computed in pure JAX, see fallback_backward)."""
+    fv = plan.variant
+    if fv.kv_layout == "paged":
+        raise Unsupported("FA4 has no backward for a paged KV cache")
+    if fv.q_layout != fv.kv_layout:
+        raise Unsupported("the SM90 backward needs q and k/v in the same layout")
+    if (fv.head_dim, fv.head_dim_v) not in _BWD_HEAD_DIMS:
+        raise Unsupported(
+            f"head dims ({fv.head_dim}, {fv.head_dim_v}) have no SM90 backward kernel "
+            f"(FA4's SM90 backward covers {sorted(_BWD_HEAD_DIMS)}, at most "
+            f"{BWD_MAX_HEAD_DIM})")
+    if fv.qhead_per_kvhead > 1 and fv.head_dim != fv.head_dim_v:
+        raise Unsupported("FA4's GQA backward needs head_dim == value head_dim")
+    variant = BackwardVariant(
+        dtype=fv.dtype, head_dim=fv.head_dim, head_dim_v=fv.head_dim_v,
+        qhead_per_kvhead=fv.qhead_per_kvhead, mask=fv.mask, window_left=fv.window_left,
+        window_right=fv.window_right, softcap=fv.softcap, has_sinks=fv.has_sinks,
+        layout=fv.q_layout, has_seqused_q=fv.has_seqused_q, has_seqused_k=fv.has_seqused_k)
+    return BackwardPlan(variant, plan.window_left, plan.window_right)

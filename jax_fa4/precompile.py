@@ -9,6 +9,8 @@ Two ways to say what to build:
   # the variants that listed calls need: FILE.py defines CALLS, a list of dicts with
   # 'query', 'key', 'value' as (shape, dtype) and attention's keyword arguments
   python -m jax_fa4.precompile --calls my_calls.py
+  # ... and the backward kernels their gradients need
+  python -m jax_fa4.precompile --calls my_calls.py --backward
 
 Objects go to --cache-dir (default: JAX_FA4_CACHE_DIR or ~/.cache/jax_fa4/kernels);
 copy that directory to the GPU hosts and point JAX_FA4_CACHE_DIR at it there
@@ -25,6 +27,7 @@ import os
 import sys
 import time
 
+from .kernels.backward_config import BackwardVariant
 from .kernels.config import ForwardVariant
 from .kernels.split import SplitVariant
 
@@ -60,16 +63,17 @@ def _spec(x):
     return x
 
 
-def variants_from_calls(path: str) -> list[ForwardVariant]:
+def variants_from_calls(path: str, backward: bool = False) -> list:
     """Variants for the calls listed in `path`'s CALLS: dicts of a function's arguments,
     arrays given as (shape, dtype); 'fn' names the function ('attention' by default,
-    'varlen_attention', 'paged_attention'); `sinks=True` stands for float32 sinks."""
+    'varlen_attention', 'paged_attention'); `sinks=True` stands for float32 sinks.
+    backward: also the backward variants their gradients run."""
     import jax
     import numpy as np
 
     from . import varlen
     from .api import kernel_plan
-    from .dispatch import Unsupported
+    from .dispatch import Unsupported, plan_backward
 
     spec = importlib.util.spec_from_file_location("_jax_fa4_calls", path)
     mod = importlib.util.module_from_spec(spec)
@@ -86,14 +90,24 @@ def variants_from_calls(path: str) -> list[ForwardVariant]:
             out.append(plan.kernel_variant)
         except Unsupported as e:
             print(f"  (falls back, nothing to build: {e})", file=sys.stderr)
+            continue
+        if backward:
+            try:
+                out.append(plan_backward(plan).variant)
+            except Unsupported as e:
+                print(f"  (pure-JAX backward, nothing to build: {e})", file=sys.stderr)
     return out
 
 
-def _build(variant_dict: dict) -> tuple[str, float, int]:
+def _build(kind: str, variant_dict: dict) -> tuple[str, float, int]:
     from .kernels.cache import get_object
 
-    v = (SplitVariant if variant_dict.get("kind") == "sm90_forward_split"
-         else ForwardVariant).from_dict(variant_dict)
+    if kind == "bwd":
+        v = BackwardVariant.from_dict(variant_dict)
+    elif variant_dict.get("kind") == "sm90_forward_split":
+        v = SplitVariant.from_dict(variant_dict)
+    else:
+        v = ForwardVariant.from_dict(variant_dict)
     t0 = time.perf_counter()
     obj = get_object(v)
     return v.describe(), time.perf_counter() - t0, len(obj)
@@ -109,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--mask", default="none,causal", help="none,causal,local")
     p.add_argument("--softcap", default="none")
     p.add_argument("--sinks", default="no", help="no,yes")
+    p.add_argument("--backward", action="store_true",
+                   help="with --calls: also the backward kernels of the calls' gradients")
     p.add_argument("--cache-dir", help="where to write (default: JAX_FA4_CACHE_DIR)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
@@ -116,7 +132,8 @@ def main(argv=None) -> int:
         os.environ["JAX_FA4_CACHE_DIR"] = args.cache_dir
     os.environ["JAX_FA4_COMPILE"] = "auto"
 
-    variants = variants_from_calls(args.calls) if args.calls else variants_from_matrix(args)
+    variants = (variants_from_calls(args.calls, args.backward) if args.calls
+                else variants_from_matrix(args))
     unique = list({v.key(): v for v in variants}.values())
     from .kernels.cache import cache_dir, load_from_disk
 
@@ -127,7 +144,8 @@ def main(argv=None) -> int:
     # spawn, not fork: the parent may hold JAX threads.
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
-        futures = {pool.submit(_build, v.as_dict()): v for v in todo}
+        futures = {pool.submit(_build, "bwd" if isinstance(v, BackwardVariant) else "fwd",
+                               v.as_dict()): v for v in todo}
         for i, fut in enumerate(cf.as_completed(futures), 1):
             v = futures[fut]
             try:

@@ -29,7 +29,11 @@ varlen and paged attention follow the same rule: page tables and lengths shard w
 the batch, the page pool with the KV heads (each shard reads its pages of its heads);
 packed (cu_seqlens) layouts shard over heads only, since their rows mix sequences.
 
-Not partitioned by the rule: calls in a partially manual
+The backward primitive (`jax_fa4_bwd`, FA4's SM90 backward of dense attention) has
+the same rule: q, k, v, o, dO, lse, dLSE, sinks -> dq, dk, dv, dsinks split by batch
+and KV-head blocks (d_sinks, a sum over the batch, is summed across batch shards).
+
+Not partitioned by the rule: the backward of varlen attention; calls in a partially manual
 shard_map; jax.export (the rule is a callback of this process, so an exported module
 keeps the plain call, which XLA replicates); lowerings without a device assignment.
 Inside a fully manual shard_map the call is per shard already.  `set_enabled(False)`
@@ -40,26 +44,33 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
 from jax._src import dispatch as _jax_dispatch
 from jax._src import sharding_impls as _sharding_impls
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import primitive
+from . import backward_primitive, primitive
+from .backward_primitive import BwdParams, fa4_bwd_p
 from .dispatch import device_reason
 from .kernels import MissingKernelError, get_object
 from .kernels.forward_abi import operands
 from .primitive import FwdParams, fa4_fwd_p
 
-__all__ = ["call_specs", "set_enabled", "shardy_rule"]
+__all__ = ["backward_call_specs", "backward_shardy_rule", "call_specs", "set_enabled", "shardy_rule"]
 
 
 def _per_shard(params: FwdParams, *args):
     return tuple(fa4_fwd_p.bind(*args, params=params))
 
 
+def _bwd_per_shard(params: BwdParams, *args):
+    return tuple(fa4_bwd_p.bind(*args, params=params))
+
+
 _partitioned = custom_partitioning(_per_shard, static_argnums=(0,))
+_bwd_partitioned = custom_partitioning(_bwd_per_shard, static_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------
@@ -97,6 +108,16 @@ def _divisible_prefix(mesh, axes, n, taken=()):
         if n % _size(mesh, head) == 0 and not set(head) & set(taken):
             return head
     return ()
+
+
+def _batch_heads(mesh, q, k, *, keep_batch=True):
+    """(batch, heads) mesh-axis entries of the per-shard call: the batch and head
+    sharding of q (else of k), cut to the mesh axes that divide B and the KV head
+    count K."""
+    qd, kd = _dims(q), _dims(k)
+    batch = _divisible_prefix(mesh, qd[0] or kd[0], q.shape[0]) if keep_batch else ()
+    heads = _divisible_prefix(mesh, qd[2] or kd[2], k.shape[2], taken=batch)
+    return _entry(batch), _entry(heads)
 
 
 # Each operand's dimensions by role: "b" batch, "n" query heads, "k" KV heads, None
@@ -146,6 +167,16 @@ def call_specs(mesh, arg_shapes, names=_DENSE, kind: str = "dense"):
     lse = PartitionSpec(entry["b"], entry["n"], None) if q.ndim == 4 else (
         PartitionSpec(entry["n"], None))
     return ops, (out, lse)
+
+
+def backward_call_specs(mesh, arg_shapes):
+    """(operand specs, result specs) of the per-shard backward call: operands q, k, v,
+    o, do, lse, dlse[, sinks], results dq, dk, dv[, dsinks] (d_sinks, a sum over the
+    batch, is summed over the batch shards by the per-shard function)."""
+    b, n = _batch_heads(mesh, arg_shapes[0], arg_shapes[1])
+    qkv, stats = PartitionSpec(b, None, n, None), PartitionSpec(b, n, None)
+    tail = [PartitionSpec(n)] if len(arg_shapes) == 8 else []
+    return [qkv] * 5 + [stats] * 2 + tail, [qkv] * 3 + tail
 
 
 def _named(mesh, specs):
@@ -224,6 +255,48 @@ _partitioned.def_partition(
 )
 
 
+def _bwd_infer(params, mesh, arg_shapes, result_shape):
+    del params, result_shape
+    return _named(mesh, backward_call_specs(mesh, arg_shapes)[1])
+
+
+def _bwd_partition(params, mesh, arg_shapes, result_shape):
+    del result_shape
+    ops, outs = backward_call_specs(mesh, arg_shapes)
+    batch = _axes(ops[0][0])
+
+    def per_shard(*args):
+        grads = _bwd_per_shard(params, *args)
+        if len(grads) == 4 and batch:  # each shard's d_sinks covers its batch rows
+            grads = grads[:3] + (jax.lax.psum(grads[3], batch),)
+        return grads
+
+    return mesh, per_shard, _named(mesh, outs), _named(mesh, ops)
+
+
+def backward_shardy_rule(params: BwdParams, num_operands: int) -> tuple[str, dict]:
+    """Shardy's rule for the backward call (see shardy_rule); d_sinks has no batch
+    factor (the per-shard function sums it over the batch shards)."""
+    g = params.plan.variant.qhead_per_kvhead
+    n = "(k g)" if g > 1 else "k"
+    sinks = [n] if num_operands == 8 else []
+    ops = [f"b t {n} h", "b s k h", "b s k d", f"b t {n} d", f"b t {n} d", f"b {n} t",
+           f"b {n} t"] + sinks
+    outs = [f"b t {n} h", "b s k h", "b s k d"] + sinks
+    opts = dict(need_replication_factors=("t", "h", "s", "d"))
+    if g > 1:
+        opts["g"] = g
+    return ", ".join(ops) + " -> " + ", ".join(outs), opts
+
+
+_bwd_partitioned.def_partition(
+    partition=_bwd_partition,
+    infer_sharding_from_operands=_bwd_infer,
+    sharding_rule=lambda params, mesh, values, results: backward_shardy_rule(
+        params, len(values)),
+)
+
+
 # ----------------------------------------------------------------------------
 # Lowering hook
 # ----------------------------------------------------------------------------
@@ -240,24 +313,28 @@ def _spmd(ctx) -> bool:
             and not mc.lowering_parameters.for_export)
 
 
-def _kernel_ready(params: FwdParams) -> bool:
+def _kernel_ready(variant) -> bool:
     """Whether the CUDA lowering would emit the custom call (else it falls back or
     raises, which the plain lowering does with the same message)."""
     if device_reason() is not None:
         return False
     try:
-        get_object(params.plan.variant)
+        get_object(variant)
     except MissingKernelError:
         return False
     return True
 
 
-def _hooked(base, platform):
-    def rule(ctx, *args, params: FwdParams):
-        if _spmd(ctx):
-            ready = _kernel_ready(params) if platform == "cuda" else not params.forced
+def _hooked(base, platform, partitioned=_partitioned):
+    def rule(ctx, *args, params):
+        backward = isinstance(params, BwdParams)
+        fwd = params.fwd if backward else params
+        # The backward rule covers dense attention; the forward rule every entry point.
+        variant = params.plan.variant if backward else params.plan.kernel_variant
+        if (fwd.kind == "dense" or not backward) and _spmd(ctx):
+            ready = _kernel_ready(variant) if platform == "cuda" else not fwd.forced
             if ready:
-                return mlir.lower_fun(functools.partial(_partitioned, params),
+                return mlir.lower_fun(functools.partial(partitioned, params),
                                       multiple_results=True)(ctx, *args)
         return base(ctx, *args, params=params)
 
@@ -276,13 +353,18 @@ def set_enabled(enabled: bool = True) -> None:
     replicates the FA4 call under sharding), and AbstractMesh lowering works again.
     Applies to lowerings from then on; functions already traced or compiled keep
     what they had (`jax.clear_caches()` drops them)."""
-    hook = _hooked if enabled else (lambda base, platform: base)
+    hook = _hooked if enabled else (lambda base, platform, partitioned=None: base)
     mlir.register_lowering(fa4_fwd_p, hook(primitive._lower_default, None))
     mlir.register_lowering(fa4_fwd_p, hook(primitive._lower_cuda, "cuda"), platform="cuda")
-    if enabled:
-        _jax_dispatch.prim_requires_devices_during_lowering.add(fa4_fwd_p)
-    else:
-        _jax_dispatch.prim_requires_devices_during_lowering.discard(fa4_fwd_p)
+    bwd = backward_primitive
+    mlir.register_lowering(fa4_bwd_p, hook(bwd._lower_fallback, None, _bwd_partitioned))
+    mlir.register_lowering(fa4_bwd_p, hook(bwd._lower_cuda, "cuda", _bwd_partitioned),
+                           platform="cuda")
+    for prim in (fa4_fwd_p, fa4_bwd_p):
+        if enabled:
+            _jax_dispatch.prim_requires_devices_during_lowering.add(prim)
+        else:
+            _jax_dispatch.prim_requires_devices_during_lowering.discard(prim)
 
 
 set_enabled(True)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import fallback
-from .api import _as_array, _scalar, _sinks, _window
+from .api import _as_array, _scalar, _sinks, _window, backward_reason
 from .autodiff import fa4_call
 from .dispatch import Unsupported, VarlenCall, plan_varlen, platform_reason
 from .kernels.split import check_num_splits
@@ -251,12 +251,15 @@ def kernel_plan(fn: str, **kwargs):
     raise ValueError(f"fn must be 'varlen_attention' or 'paged_attention', got {fn!r}")
 
 
-def explain_call(fn: str, *, platform=None, **kwargs):
+def explain_call(fn: str, *, platform=None, backward=False, **kwargs):
     """Why `varlen_attention` / `paged_attention` (fn) with these arguments (arrays or
     ShapeDtypeStructs) would not run the FA4 kernel, or None if it would.  platform:
-    where it would run; default: JAX's default backend."""
+    where it would run; default: JAX's default backend.  backward=True: why its
+    gradient would not run FA4's backward kernel (see `jax_fa4.explain`)."""
     try:
-        kernel_plan(fn, **kwargs)
+        plan = kernel_plan(fn, **kwargs)
+        if backward:
+            backward_reason(plan)
     except Unsupported as e:
         return str(e)
     return platform_reason(platform)

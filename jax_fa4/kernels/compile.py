@@ -8,6 +8,7 @@ import sys
 import time
 
 from .cache import MissingKernelError
+from .backward_config import BackwardVariant
 from .config import CUTLASS_DSL_VERSION, FA4_VERSION, ForwardVariant
 from .split import SplitVariant
 
@@ -37,7 +38,8 @@ def check_toolchain() -> None:
         )
 
 
-def compile_variant(variant: ForwardVariant | SplitVariant, *, verbose: bool = False) -> bytes:
+def compile_variant(variant: ForwardVariant | SplitVariant | BackwardVariant, *,
+                    verbose: bool = False) -> bytes:
     check_toolchain()
     t0 = time.perf_counter()
     msg = f"jax_fa4: compiling [{variant.describe()}]"
@@ -48,6 +50,10 @@ def compile_variant(variant: ForwardVariant | SplitVariant, *, verbose: bool = F
         from .forward_split import compile_split
 
         obj = compile_split(variant)
+    elif isinstance(variant, BackwardVariant):
+        from .backward import compile_backward
+
+        obj = compile_backward(variant)
     else:
         from .forward import compile_forward
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils_basic
-from cutlass import Float32, Int32
+from cutlass import Float32
 from cutlass.cute.nvgpu import warpgroup
 from cutlass.utils import LayoutEnum
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
