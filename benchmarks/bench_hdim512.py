@@ -50,22 +50,35 @@ def design_plans(cfg):
 
 
 def time_designs(cfg, direct, reps):
+    """{design: TFLOP/s} of direct launches, and {design: rel. error of its output vs the
+    first design's} (each design writes its own NaN-filled output buffer), so a design's
+    timing never stands without a check of what it computed."""
     b, s, h, hk = (cfg[k] for k in ("b", "s", "h", "hk"))
     key = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(key[0], (b, s, h, 512), jnp.bfloat16)
     k = jax.random.normal(key[1], (b, s, hk, 512), jnp.bfloat16)
     v = jax.random.normal(key[2], (b, s, hk, 512), jnp.bfloat16)
-    o, lse = jnp.zeros((b, s, h, 512), jnp.bfloat16), jnp.zeros((b, h, s), jnp.float32)
-    jax.block_until_ready((q, k, v, o, lse))
-    out = {}
+    jax.block_until_ready((q, k, v))
+    out, err, first = {}, {}, None
     for d, plan in design_plans(cfg).items():
+        o = jnp.full((b, s, h, 512), jnp.nan, jnp.bfloat16)
+        lse = jnp.full((b, h, s), jnp.nan, jnp.float32)
+        jax.block_until_ready((o, lse))
         try:
             t = direct.time(plan, 1 / math.sqrt(512), [q, k, v, o, lse], reps)
             out[d] = flops(b, h, s, s, 512, cfg["causal"]) / t / 1e12
         except Exception as e:  # noqa: BLE001 (a missing kernel object)
             print(f"  {d}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             out[d] = None
-    return out
+            continue
+        o32 = o.astype(jnp.float32)
+        if first is None:
+            first = o32
+        err[d] = float(jnp.linalg.norm(o32 - first) / jnp.linalg.norm(first))
+        if not err[d] <= 1e-2:
+            print(f"  {d}: output differs from {next(iter(out))}'s: rel. error {err[d]}",
+                  flush=True)
+    return out, err
 
 
 def main():
@@ -91,8 +104,13 @@ def main():
         if cfg["s"] > 8192:  # XLA's scores would not fit
             backends = [b for b in backends if b != "xla"]
         r = bench_one(cfg, direct, args.reps, backends, xla_cap_bytes=70e9)
-        r["designs"] = time_designs(cfg, direct, args.reps)
+        r["designs"], r["design_rel_err"] = time_designs(cfg, direct, args.reps)
         results.append(r)
+        # Written after every row: a run cut short keeps what it measured.
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(device=dev.device_kind, jax=jax.__version__,
+                           date=time.strftime("%Y-%m-%d"), results=results), f, indent=1)
         t = dict(r["tflops"], **{f"direct_{d}": x for d, x in r["designs"].items()})
         ratio = f"  fa4/xla={t['jax_fa4'] / t['xla']:.2f}x" if t.get("xla") and t.get(
             "jax_fa4") else ""
@@ -100,10 +118,6 @@ def main():
         print(f"b{r['b']} s{r['s']} h{r['h']}/{r['hk']} d512 "
               f"{'causal' if r['causal'] else 'full  '} {cells}{ratio}"
               + (f"  errors={r['errors']}" if r.get("errors") else ""), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=dev.device_kind, jax=jax.__version__,
-                       date=time.strftime("%Y-%m-%d"), results=results), f, indent=1)
 
 
 if __name__ == "__main__":

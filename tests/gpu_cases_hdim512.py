@@ -55,7 +55,7 @@ CALLS = _cases()
 
 
 def precompile_designs(cache_dir=None):
-    """Builds every design's kernel objects for CALLS (`python -m jax_fa4.precompile
+    """Builds the kernel objects of DESIGNS for CALLS (`python -m jax_fa4.precompile
     --calls` builds the default design's only):
     python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g;
     g.precompile_designs('DIR')"."""
@@ -67,10 +67,10 @@ def precompile_designs(cache_dir=None):
     if cache_dir:
         os.environ["JAX_FA4_CACHE_DIR"] = cache_dir
     os.environ["JAX_FA4_COMPILE"] = "auto"
-    from jax_fa4.kernels.config import HDIM512_DESIGNS, hdim512_tile
+    from jax_fa4.kernels.config import hdim512_tile
 
     for v in precompile.variants_from_calls(os.path.abspath(__file__)):
-        for d in HDIM512_DESIGNS:
+        for d in DESIGNS:
             w = dataclasses.replace(v, tile=hdim512_tile(d))
             print(w.describe(), flush=True)
             get_object(w)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Here (CPU host with jax_fa4[compile]): build every kernel object the GPU tests and
+# benchmarks need into ${1:-.device/kernels} (docs/DEVICE.md).  Progress on stderr.
+set -eu
+dir=${1:-.device/kernels}
+jobs=${JOBS:-2}
+pc() { python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs" "$@"; }
+for calls in tests/gpu_cases.py tests/gpu_cases_paged.py tests/gpu_cases_split.py \
+             tests/gpu_cases_multi.py tests/gpu_cases_hdim512.py \
+             benchmarks/bench_paged.py benchmarks/bench_decode.py \
+             benchmarks/bench_decode_loop.py examples/gemma/kernel_calls.py; do
+  pc --calls "$calls"
+done
+pc --calls tests/gpu_cases_backward.py --backward
+pc --calls benchmarks/bench_backward.py --backward
+pc --dtype bfloat16 --head-dim 64,128,256 --group 1 --mask none,causal  # bench_forward
+# head dim 512: the non-default designs the GPU test and the benchmark launch directly
+python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g; \
+g.precompile_designs('$dir')"
+BENCH_HDIM512_DESIGNS=${BENCH_HDIM512_DESIGNS:-split_k,split_pv,single_qk} \
+  JAX_FA4_CACHE_DIR="$dir" python benchmarks/bench_hdim512.py --precompile
