@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, bench, paged, sweep, loop, gemma, hdim512; default tests,bench) with precompiled
+# (comma-separated: tests, bench, paged, sweep, loop, gemma, hdim512, single_qk; default
+# tests,bench) with precompiled
 # kernels from .device/kernels.  Logs and JSON go to $OUT.
 set -u
 what=",${1:-tests,bench},"
@@ -44,6 +45,14 @@ fi
 if [[ $what == *,hdim512,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_hdim512.py --reps 10 \
     --out "$OUT/hdim512.json" 2>&1 | tee "$OUT/hdim512.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,single_qk,* ]]; then
+  # The single-QK head-dim-512 design, launched directly next to split-K (whose output
+  # it must match); on its own and time-boxed: a design not yet validated here.
+  BENCH_HDIM512_DESIGNS=split_k,single_qk timeout ${SINGLE_QK_TIMEOUT:-150} python3 -u \
+    benchmarks/bench_hdim512.py --reps 5 --backends jax_fa4 \
+    --out "$OUT/hdim512_single_qk.json" 2>&1 | tee "$OUT/hdim512_single_qk.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,loop,* ]]; then
