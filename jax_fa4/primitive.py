@@ -80,12 +80,6 @@ def _fallback(*args, params: FwdParams, platform: str):
                         max_seqlen_k=params.max_seqlen_k, platform=platform)
 
 
-def fallback_call(args: dict, params: FwdParams):
-    """The pure-JAX computation of the primitive (what non-CUDA platforms lower)."""
-    ordered = [args[name] for name, _ in operands(params.plan.variant)]
-    return _fallback(*ordered, params=params, platform="cpu")
-
-
 def _lower_fallback(ctx, *args, params: FwdParams, platform: str):
     return mlir.lower_fun(
         functools.partial(_fallback, params=params, platform=platform), multiple_results=True
