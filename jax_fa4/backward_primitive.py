@@ -24,7 +24,7 @@ from .dispatch import BackwardPlan, Unsupported, device_reason, plan_backward
 from .ffi_target import TARGET, ensure_registered
 from .kernels import MissingKernelError, get_object
 from .kernels.backward_abi import gradient_names, operands, size_dims, workspace_shapes
-from .primitive import FwdParams
+from .primitive import FwdParams, _front
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +142,7 @@ def _batch(args, dims, *, params: BwdParams):
     launch); the rest run one call per mapped element (d_sinks sums over the batch)."""
     v = params.plan.variant
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    front = [jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
-             for a, d in zip(args, dims)]
+    front = [_front(a, d, size) for a, d in zip(args, dims)]
     if v.layout == "dense" and not v.has_sinks:
         outs = fa4_bwd_p.bind(*(x.reshape((-1,) + x.shape[2:]) for x in front), params=params)
         return [x.reshape((size, -1) + x.shape[1:]) for x in outs], [0] * len(outs)
