@@ -110,12 +110,12 @@ def _divisible_prefix(mesh, axes, n, taken=()):
     return ()
 
 
-def _batch_heads(mesh, q, k, *, keep_batch=True):
+def _batch_heads(mesh, q, k):
     """(batch, heads) mesh-axis entries of the per-shard call: the batch and head
     sharding of q (else of k), cut to the mesh axes that divide B and the KV head
     count K."""
     qd, kd = _dims(q), _dims(k)
-    batch = _divisible_prefix(mesh, qd[0] or kd[0], q.shape[0]) if keep_batch else ()
+    batch = _divisible_prefix(mesh, qd[0] or kd[0], q.shape[0])
     heads = _divisible_prefix(mesh, qd[2] or kd[2], k.shape[2], taken=batch)
     return _entry(batch), _entry(heads)
 
@@ -274,12 +274,15 @@ def _bwd_partition(params, mesh, arg_shapes, result_shape):
     return mesh, per_shard, _named(mesh, outs), _named(mesh, ops)
 
 
-def backward_shardy_rule(params: BwdParams, num_operands: int) -> tuple[str, dict]:
+def backward_shardy_rule(params: BwdParams, num_operands: int | None = None
+                         ) -> tuple[str, dict]:
     """Shardy's rule for the backward call (see shardy_rule); d_sinks has no batch
     factor (the per-shard function sums it over the batch shards)."""
-    g = params.plan.variant.qhead_per_kvhead
+    del num_operands  # implied by the variant
+    v = params.plan.variant
+    g = v.qhead_per_kvhead
     n = "(k g)" if g > 1 else "k"
-    sinks = [n] if num_operands == 8 else []
+    sinks = [n] if v.has_sinks else []
     ops = [f"b t {n} h", "b s k h", "b s k d", f"b t {n} d", f"b t {n} d", f"b {n} t",
            f"b {n} t"] + sinks
     outs = [f"b t {n} h", "b s k h", "b s k d"] + sinks
@@ -292,8 +295,7 @@ def backward_shardy_rule(params: BwdParams, num_operands: int) -> tuple[str, dic
 _bwd_partitioned.def_partition(
     partition=_bwd_partition,
     infer_sharding_from_operands=_bwd_infer,
-    sharding_rule=lambda params, mesh, values, results: backward_shardy_rule(
-        params, len(values)),
+    sharding_rule=lambda params, mesh, values, results: backward_shardy_rule(params),
 )
 
 
