@@ -56,8 +56,9 @@ class Unsupported(Exception):
     """The kernel cannot run this call; str(self) says why."""
 
 
-# (head_dim, value head_dim) pairs above FA4's 256 that the split-PV kernel
-# (kernels/forward_hdim512.py) takes: Gemma-4's global layers.  A smaller head_dim
+# (head_dim, value head_dim) pairs above FA4's 256 that the head-dim-512 kernels
+# (kernels/forward_hdim512_splitk.py by default, kernels/forward_hdim512.py) take:
+# Gemma-4's global layers.  A smaller head_dim
 # with value head_dim 512 would need its own shared-memory layout: FA4 writes the
 # output tile (tile_m x hdim_v) over the Q tile (tile_m x head_dim).
 _WIDE_HEAD_DIMS = ((512, 512),)
