@@ -129,7 +129,7 @@ def _lengths_mask(len_q, len_k, tq: int, tk: int, window):
     return vis[:, None]
 
 
-def _gather_rows(x, starts, width: int):
+def gather_rows(x, starts, width: int):
     """Packed (total, ...) -> (B, width, ...) rows starts[b] + i (clamped; masked later)."""
     idx = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, x.shape[0] - 1)
     return x[idx]
@@ -159,8 +159,8 @@ def varlen_fallback(q, k, v, cu_q, cu_k, seqused_q, seqused_k, sinks, *, max_seq
     per-sequence masks, repack.  Returns (out (total_q, N, Hv), lse (N, total_q))."""
     len_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q
     len_k = cu_k[1:] - cu_k[:-1] if seqused_k is None else seqused_k
-    qd = _gather_rows(q, cu_q[:-1], max_seqlen_q)
-    kd, vd = (_gather_rows(x, cu_k[:-1], max_seqlen_k) for x in (k, v))
+    qd = gather_rows(q, cu_q[:-1], max_seqlen_q)
+    kd, vd = (gather_rows(x, cu_k[:-1], max_seqlen_k) for x in (k, v))
     mask = _lengths_mask(len_q, len_k, max_seqlen_q, max_seqlen_k, window)
     od, lse_d = reference_attention(qd, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
     return _unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])
@@ -191,7 +191,7 @@ def paged_fallback(q, k_cache, v_cache, page_table, seqused_k, cu_q, seqused_q, 
             lse = jnp.where(valid[:, None, :], lse, -jnp.inf)
         return o, lse
     len_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q
-    qd = _gather_rows(q, cu_q[:-1], max_seqlen_q)
+    qd = gather_rows(q, cu_q[:-1], max_seqlen_q)
     mask = _lengths_mask(len_q, seqused_k, max_seqlen_q, kd.shape[1], window)
     od, lse_d = reference_attention(qd, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
     return _unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])

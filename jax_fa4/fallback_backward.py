@@ -109,10 +109,6 @@ def dense_backward(q, k, v, o, do, lse, dlse, sinks=None, *, scale, softcap=None
             dsinks)
 
 
-def _padded(x, starts, width):
-    return fallback._gather_rows(x, starts, width)
-
-
 def _scatter_back(f, x, cotangent):
     """Transpose of the linear gather `f` at x: adds the padded cotangent back to rows."""
     _, vjp = jax.vjp(f, x)
@@ -127,8 +123,8 @@ def varlen_backward(a: dict, o, lse, do, dlse, *, scale, window, softcap, max_se
     cu_q, cu_k = a["cu_seqlens_q"], a["cu_seqlens_k"]
     len_q = a.get("seqused_q", cu_q[1:] - cu_q[:-1])
     len_k = a.get("seqused_k", cu_k[1:] - cu_k[:-1])
-    gq = lambda x: _padded(x, cu_q[:-1], max_seqlen_q)  # noqa: E731
-    gk = lambda x: _padded(x, cu_k[:-1], max_seqlen_k)  # noqa: E731
+    gq = lambda x: fallback.gather_rows(x, cu_q[:-1], max_seqlen_q)  # noqa: E731
+    gk = lambda x: fallback.gather_rows(x, cu_k[:-1], max_seqlen_k)  # noqa: E731
     gs = lambda x: jnp.moveaxis(gq(x.T), 2, 1)  # (N, total) -> (B, N, T)  # noqa: E731
     dq, dk, dv, dsinks = dense_backward(
         gq(a["q"]), gk(a["k"]), gk(a["v"]), gq(o), gq(do), gs(lse), gs(dlse), a.get("sinks"),
@@ -155,7 +151,7 @@ def paged_backward(a: dict, o, lse, do, dlse, *, scale, window, softcap, max_seq
     else:
         cu_q = a["cu_seqlens_q"]
         len_q = a.get("seqused_q", cu_q[1:] - cu_q[:-1])
-        gq = lambda x: _padded(x, cu_q[:-1], max_seqlen_q)  # noqa: E731
+        gq = lambda x: fallback.gather_rows(x, cu_q[:-1], max_seqlen_q)  # noqa: E731
         gs = lambda x: jnp.moveaxis(gq(x.T), 2, 1)  # noqa: E731
         dqd, dk, dv, dsinks = dense_backward(gq(a["q"]), kd, vd, gq(o), gq(do), gs(lse),
                                              gs(dlse), a.get("sinks"), len_q=len_q, **common)
