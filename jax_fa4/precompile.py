@@ -27,9 +27,7 @@ import os
 import sys
 import time
 
-from .kernels.backward_config import BackwardVariant
 from .kernels.config import ForwardVariant
-from .kernels.split import SplitVariant
 
 
 def _split(s: str) -> list[str]:
@@ -99,15 +97,10 @@ def variants_from_calls(path: str, backward: bool = False) -> list:
     return out
 
 
-def _build(kind: str, variant_dict: dict) -> tuple[str, float, int]:
+def _build(variant_cls: type, variant_dict: dict) -> tuple[str, float, int]:
     from .kernels.cache import get_object
 
-    if kind == "bwd":
-        v = BackwardVariant.from_dict(variant_dict)
-    elif variant_dict.get("kind") == "sm90_forward_split":
-        v = SplitVariant.from_dict(variant_dict)
-    else:
-        v = ForwardVariant.from_dict(variant_dict)
+    v = variant_cls.from_dict(variant_dict)
     t0 = time.perf_counter()
     obj = get_object(v)
     return v.describe(), time.perf_counter() - t0, len(obj)
@@ -144,8 +137,8 @@ def main(argv=None) -> int:
     # spawn, not fork: the parent may hold JAX threads.
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
-        futures = {pool.submit(_build, "bwd" if isinstance(v, BackwardVariant) else "fwd",
-                               v.as_dict()): v for v in todo}
+        # The class travels by reference (its module is imported in the worker).
+        futures = {pool.submit(_build, type(v), v.as_dict()): v for v in todo}
         for i, fut in enumerate(cf.as_completed(futures), 1):
             v = futures[fut]
             try:
