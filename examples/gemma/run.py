@@ -26,7 +26,10 @@ if __package__ in (None, ""):  # run as a script: make `examples.gemma` importab
 
 
 def _cpu_only_install() -> bool:
-    names = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+    # The same check as tests/conftest.py's (not imported from there: the example must
+    # not depend on tests/, and nothing here may import jax before XLA_FLAGS is set).
+    names = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+             "jax_rocm7_plugin", "libtpu")
     try:
         return all(importlib.util.find_spec(n) is None for n in names)
     except (ImportError, ValueError):
