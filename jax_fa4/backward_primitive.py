@@ -15,16 +15,14 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
 from . import fallback, fallback_backward
-from .dispatch import BackwardPlan, Unsupported, device_reason, plan_backward
-from .ffi_target import TARGET, ensure_registered
-from .kernels import MissingKernelError, get_object
+from .dispatch import BackwardPlan, Unsupported, plan_backward
+from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels.backward_abi import gradient_names, operands, size_dims, workspace_shapes
-from .primitive import FwdParams, _front
+from .primitive import FwdParams, _front, kernel_object
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +99,7 @@ def _lower_fallback(ctx, *args, params: BwdParams):
 
 def _lower_cuda(ctx, *args, params: BwdParams):
     v = params.plan.variant
-    reason = device_reason()
-    obj = None
-    if reason is None:
-        try:
-            obj = get_object(v)
-        except MissingKernelError as e:
-            reason = str(e)
+    obj, reason = kernel_object(v)
     if reason is not None:
         if params.fwd.forced:
             raise NotImplementedError(f"jax_fa4: implementation='fa4' cannot run the "
@@ -122,12 +114,9 @@ def _lower_cuda(ctx, *args, params: BwdParams):
     outs = jax.ffi.ffi_lowering(TARGET)(
         ctx.replace(avals_out=[*ctx.avals_out, *ws_avals]),
         *args,
-        object=np.frombuffer(obj, dtype=np.uint8),
-        symbol=v.symbol,
-        size_dims=np.asarray(size_dims(v), dtype=np.int64).reshape(-1),
-        i32_scalars=np.asarray([params.plan.window_left, params.plan.window_right],
-                               dtype=np.int32),
-        f32_scalars=np.asarray([params.fwd.scale], dtype=np.float32),
+        **call_attributes(obj, v.symbol, size_dims(v),
+                          [params.plan.window_left, params.plan.window_right],
+                          [params.fwd.scale]),
     )
     return outs[:n_out]
 

@@ -7,6 +7,7 @@ import pathlib
 import threading
 
 import jax
+import numpy as np
 
 TARGET = "jax_fa4_cute_call"
 _lock = threading.Lock()
@@ -24,6 +25,16 @@ def runtime_library_path() -> str | None:
     root = pathlib.Path(list(spec.submodule_search_locations)[0])
     libs = sorted(root.glob("cu*/lib/libcute_dsl_runtime.so"), reverse=True)  # cu13 first
     return str(libs[0]) if libs else None
+
+
+def call_attributes(obj: bytes, symbol: str, size_dims, i32_scalars, f32_scalars) -> dict:
+    """The attributes of one `jax_fa4_cute_call`, as csrc/cute_call.cc reads them: the
+    kernel object and its launcher's symbol, the (operand, axis) pairs whose sizes the
+    launcher takes as int32 arguments, then its int32 and float32 scalars."""
+    return dict(object=np.frombuffer(obj, dtype=np.uint8), symbol=symbol,
+                size_dims=np.asarray(size_dims, dtype=np.int64).reshape(-1),
+                i32_scalars=np.asarray(i32_scalars, dtype=np.int32),
+                f32_scalars=np.asarray(f32_scalars, dtype=np.float32))
 
 
 def ensure_registered() -> None:

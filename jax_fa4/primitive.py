@@ -18,13 +18,12 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
 from . import fallback, split_kv
 from .dispatch import KernelPlan, device_reason
-from .ffi_target import TARGET, ensure_registered
+from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels import MissingKernelError, get_object
 from .kernels.forward_abi import operands, size_dims
 
@@ -95,15 +94,20 @@ def _lower_default(ctx, *args, params: FwdParams):
     return _lower_fallback(ctx, *args, params=params, platform=platforms[0])
 
 
+def kernel_object(variant) -> tuple[bytes | None, str | None]:
+    """(object, None) where the CUDA lowering can emit the custom call for `variant`
+    (an SM90 device, the object cached or compilable), else (None, why not)."""
+    if (reason := device_reason()) is not None:
+        return None, reason
+    try:
+        return get_object(variant), None
+    except MissingKernelError as e:
+        return None, str(e)
+
+
 def _lower_cuda(ctx, *args, params: FwdParams):
     plan = params.plan
-    reason = device_reason()
-    obj = None
-    if reason is None:
-        try:
-            obj = get_object(plan.kernel_variant)
-        except MissingKernelError as e:
-            reason = str(e)
+    obj, reason = kernel_object(plan.kernel_variant)
     if reason is not None:
         if params.forced:
             raise NotImplementedError(f"jax_fa4: implementation='fa4' cannot run: {reason}")
@@ -112,14 +116,8 @@ def _lower_cuda(ctx, *args, params: FwdParams):
     if plan.num_splits > 1:
         return split_kv.lower(ctx, *args, params=params, obj=obj)
     return jax.ffi.ffi_lowering(TARGET)(
-        ctx,
-        *args,
-        object=np.frombuffer(obj, dtype=np.uint8),
-        symbol=plan.variant.symbol,
-        size_dims=np.asarray(size_dims(plan.variant), dtype=np.int64).reshape(-1),
-        i32_scalars=np.asarray([plan.window_left, plan.window_right], dtype=np.int32),
-        f32_scalars=np.asarray([params.scale], dtype=np.float32),
-    )
+        ctx, *args, **call_attributes(obj, plan.variant.symbol, size_dims(plan.variant),
+                                      [plan.window_left, plan.window_right], [params.scale]))
 
 
 # Registered at import, not at lowering, so deserialized (jax.export) executables

@@ -53,8 +53,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import backward_primitive, primitive
 from .backward_primitive import BwdParams, fa4_bwd_p
-from .dispatch import device_reason
-from .kernels import MissingKernelError, get_object
 from .kernels.forward_abi import operands
 from .primitive import FwdParams, fa4_fwd_p
 
@@ -318,13 +316,7 @@ def _spmd(ctx) -> bool:
 def _kernel_ready(variant) -> bool:
     """Whether the CUDA lowering would emit the custom call (else it falls back or
     raises, which the plain lowering does with the same message)."""
-    if device_reason() is not None:
-        return False
-    try:
-        get_object(variant)
-    except MissingKernelError:
-        return False
-    return True
+    return primitive.kernel_object(variant)[1] is None
 
 
 def _hooked(base, platform, partitioned=_partitioned):

@@ -15,10 +15,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.interpreters import mlir
 
-from .ffi_target import TARGET
+from .ffi_target import TARGET, call_attributes
 from .kernels.forward_abi import operands, size_dims
 from .kernels.split import split_variant, workspace_size
 
@@ -58,11 +57,8 @@ def _forward(*args, params, obj: bytes):
         TARGET, jax.ShapeDtypeStruct((workspace_size(b, n, t, hv, s),), jnp.float32)
     )(
         *(a[name] for name, _ in operands(sv.base)),
-        object=np.frombuffer(obj, dtype=np.uint8),
-        symbol=sv.symbol,
-        size_dims=np.asarray(size_dims(sv.base), dtype=np.int64).reshape(-1),
-        i32_scalars=np.asarray([plan.window_left, plan.window_right, s], dtype=np.int32),
-        f32_scalars=np.asarray([params.scale], dtype=np.float32),
+        **call_attributes(obj, sv.symbol, size_dims(sv.base),
+                          [plan.window_left, plan.window_right, s], [params.scale]),
     )
     lse_part = ws[:rows].reshape(s, b, n, t)
     o_part = ws[rows:].reshape(s, b, n, t, hv)
