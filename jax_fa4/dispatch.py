@@ -14,8 +14,9 @@ import jax
 from .kernels.backward_config import MAX_HEAD_DIM as BWD_MAX_HEAD_DIM
 from .kernels.backward_config import BackwardVariant
 from .kernels.config import ForwardVariant, sm90_forward_tile
+from .kernels.split import DESIGNS as SPLIT_DESIGNS
 from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
-from .kernels.split import choose_num_splits, split_variant
+from .kernels.split import choose_num_splits, decode_variant, split_variant
 
 _INT32_MAX = 2**31 - 1
 
@@ -135,26 +136,30 @@ def plan_dense(c: DenseCall) -> KernelPlan:
                 f"{w} in FA4's bottom-right-aligned convention; the kernel needs >= 0"
             )
     plan = _kernel_plan(c, (fa_left, fa_right), cap=c.seq_k + c.seq_q)
-    return _with_splits(plan, c.batch, c.heads_k, c.seq_q, c.seq_k, None)
+    return _with_splits(plan, c.batch, c.heads_k, c.seq_q, c.seq_k, None, None)
 
 
 def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq_k: int,
-                 num_splits: int | None) -> KernelPlan:
+                 num_splits: int | None, page_size: int | None) -> KernelPlan:
     """`plan` with its split count: `num_splits` if given, else (when all query rows of
     a KV head fit one tile) the heuristic from the grid FA4 would launch (KV heads x
-    batch) and the key blocks of the longest possible sequence."""
+    batch) and the key blocks of the longest possible sequence.  A split plan runs the
+    decode tile (kernels/split.py: decode_variant)."""
     v = plan.variant
-    if max(v.head_dim, v.head_dim_v) > SPLIT_MAX_HEAD_DIM:
+    if max(v.head_dim, v.head_dim_v) > SPLIT_MAX_HEAD_DIM or v.tile.design not in SPLIT_DESIGNS:
         if num_splits not in (None, 1):
             raise ValueError(f"num_splits={num_splits}: split-KV supports head dims up to "
-                             f"{SPLIT_MAX_HEAD_DIM}")
+                             f"{SPLIT_MAX_HEAD_DIM} and the {SPLIT_DESIGNS} kernel designs, "
+                             f"not {v.describe()}")
         return plan
     if num_splits is None:
         rows = seq_q * (v.qhead_per_kvhead if v.pack_gqa else 1)
         # Automatic only for decode-like calls: one query tile per (sequence, KV head).
         num_splits = 1 if rows > v.tile.tile_m else choose_num_splits(
             batch, heads_k, 1, -(-max_seq_k // v.tile.tile_n))
-    return dataclasses.replace(plan, num_splits=num_splits)
+    if num_splits > 1:
+        v = decode_variant(v, page_size)
+    return dataclasses.replace(plan, variant=v, num_splits=num_splits)
 
 
 def _kernel_plan(c, window, *, cap: int, **layout) -> KernelPlan:
@@ -240,7 +245,7 @@ def plan_varlen(c: VarlenCall) -> KernelPlan:
                              "cu_seqlens_q)")
         return plan
     return _with_splits(plan, c.batch, c.heads_k, c.total_q // c.batch,
-                        c.max_pages * c.page_size, c.num_splits)
+                        c.max_pages * c.page_size, c.num_splits, c.page_size)
 
 
 def platform_reason(platform: str | None) -> str | None:

@@ -1,13 +1,14 @@
-"""Split-KV forward on CUDA: the split kernel's custom call, then a pure-JAX combine,
-lowered together in place of the primitive (so autodiff, vmap and sharding rules see
-the same (out, lse) primitive as the unsplit path).
+"""Split-KV forward on CUDA, lowered in place of the primitive (so autodiff, vmap and
+sharding rules see the same (out, lse) primitive as the unsplit path).
 
-The kernel (kernels/forward_split.py) writes one float32 workspace, an extra result
-XLA allocates: lse_partial (S, B, N, Tq) then o_partial (S, B, N, Tq, Hv), each
-split's softmax normalized over its own keys.  The combine weighs split s by
-exp(lse_s - lse) with lse = log(sum_s exp(lse_s) + exp(sink)): the sink enters once,
-here, never in a split.  For decode the workspace is small (S*B*N*Tq*(Hv+1) floats,
-e.g. 2 MiB at B=8, S=16, N=32, Hv=128) and XLA fuses the combine into one kernel.
+The split kernel (kernels/forward_split.py) writes one float32 workspace, a result XLA
+allocates: lse_partial (S, B, N, Tq) (padded) then o_partial (S, B, N, Tq, Hv), each
+split's softmax normalized over its own keys.  Normally the same custom call then runs
+FA4's combine kernel, which writes out and lse: one custom call per decode step.
+
+With attention sinks the call returns the workspace only and `combine` below merges in
+JAX: it weighs split s by exp(lse_s - lse) with lse = log(sum_s exp(lse_s) + exp(sink)),
+so the sink enters once, never in a split.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from jax.interpreters import mlir
 
 from .ffi_target import TARGET, call_attributes
 from .kernels.forward_abi import operands, size_dims
-from .kernels.split import split_variant, workspace_size
+from .kernels.split import lse_region, split_variant, workspace_size
 
 
 def combine(o_part, lse_part, sinks, dtype):
@@ -52,16 +53,21 @@ def _forward(*args, params, obj: bytes):
     s = plan.num_splits
     if "seqused_k" not in a:  # dense k/v: every key is used
         a["seqused_k"] = jnp.full((b,), a["k"].shape[1], jnp.int32)
-    rows = s * b * n * t
-    ws = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((workspace_size(b, n, t, hv, s),), jnp.float32)
-    )(
+    ws_shape = jax.ShapeDtypeStruct((workspace_size(b, n, t, hv, s),), jnp.float32)
+    results = (ws_shape,)
+    if sv.fused_combine:
+        results = (jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
+                   jax.ShapeDtypeStruct((b, n, t), jnp.float32), ws_shape)
+    res = jax.ffi.ffi_call(TARGET, results)(
         *(a[name] for name, _ in operands(sv.base)),
         **call_attributes(obj, sv.symbol, size_dims(sv.base),
                           [plan.window_left, plan.window_right, s], [params.scale]),
     )
-    lse_part = ws[:rows].reshape(s, b, n, t)
-    o_part = ws[rows:].reshape(s, b, n, t, hv)
+    if sv.fused_combine:
+        return res[0], res[1]
+    ws = res[0]
+    lse_part = ws[: s * b * n * t].reshape(s, b, n, t)
+    o_part = ws[lse_region(b, n, t, s):].reshape(s, b, n, t, hv)
     return combine(o_part, lse_part, a.get("sinks"), q.dtype)
 
 

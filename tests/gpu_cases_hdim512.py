@@ -59,18 +59,23 @@ def precompile_designs(cache_dir=None):
     --calls` builds the default design's only):
     python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g;
     g.precompile_designs('DIR')"."""
-    import dataclasses
+    from unittest import mock
 
-    from jax_fa4 import precompile
-    from jax_fa4.kernels import get_object
+    from jax_fa4 import dispatch, precompile
+    from jax_fa4.kernels import config, get_object
 
     if cache_dir:
         os.environ["JAX_FA4_CACHE_DIR"] = cache_dir
     os.environ["JAX_FA4_COMPILE"] = "auto"
-    from jax_fa4.kernels.config import hdim512_tile
+    heuristic = config.sm90_forward_tile
+    # Plans as test_gpu_hdim512's `design` fixture makes them (split plans included).
+    for d in DESIGNS:
+        def tile(*args, _d=d, **kwargs):
+            t = heuristic(*args, **kwargs)
+            return t if t.design == "fa4" else config.hdim512_tile(_d)
 
-    for v in precompile.variants_from_calls(os.path.abspath(__file__)):
-        for d in DESIGNS:
-            w = dataclasses.replace(v, tile=hdim512_tile(d))
-            print(w.describe(), flush=True)
-            get_object(w)
+        with mock.patch.object(config, "sm90_forward_tile", tile), \
+                mock.patch.object(dispatch, "sm90_forward_tile", tile):
+            for v in precompile.variants_from_calls(os.path.abspath(__file__)):
+                print(v.describe(), flush=True)
+                get_object(v)

@@ -28,6 +28,11 @@ def _cases():
     cases.append(split_case(128, 64, "causal", sinks=True))
     cases.append(split_case(128, 64, "window", sinks=True, logits_soft_cap=30.0))
     cases.append(split_case(128, 128, "causal", kv_heads=4, group=1))  # no GQA packing
+    # head dim 512 (Gemma-4 global layers): the split-K kernel's split epilogue; 64-token
+    # pages by TMA, 16-token pages by cp.async
+    cases.append(split_case(512, 64, "causal", group=8))
+    cases.append(split_case(512, 64, "window", tq=2, sinks=True, logits_soft_cap=30.0))
+    cases.append(split_case(512, 16, "window2"))
     return cases
 
 
@@ -39,4 +44,6 @@ CALLS = CASES + [dict(c, num_splits=1) for c in CASES] + [
          value=((2, 9000, 2, 128), "bfloat16")),
     dict(query=((2, 3, 16, 128), "bfloat16"), key=((2, 9000, 2, 128), "bfloat16"),
          value=((2, 9000, 2, 128), "bfloat16"), logits_soft_cap=30.0),
+    dict(query=((1, 1, 8, 512), "bfloat16"), key=((1, 9000, 1, 512), "bfloat16"),
+         value=((1, 9000, 1, 512), "bfloat16")),
 ]

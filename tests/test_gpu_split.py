@@ -85,13 +85,15 @@ def test_auto_split_is_used_for_decode():
     assert plan.num_splits > 1
 
 
-@pytest.mark.parametrize("tq,kw", [(1, {}), (3, dict(logits_soft_cap=30.0))])
-def test_attention_short_q_long_k_splits(tq, kw):
+@pytest.mark.parametrize("tq,kw,hd", [(1, {}, 128), (3, dict(logits_soft_cap=30.0), 128),
+                                      (1, {}, 512)])
+def test_attention_short_q_long_k_splits(tq, kw, hd):
     """attention() with a short query and long dense keys takes the split kernel (no
     causal mask: jax.nn's top-left alignment makes T < S causal a fallback)."""
     rng = np.random.default_rng(3)
-    q = _random(rng, (2, tq, 16, 128), jnp.bfloat16)
-    k, v = (_random(rng, (2, 9000, 2, 128), jnp.bfloat16) for _ in range(2))
+    b, n, kh = (2, 16, 2) if hd == 128 else (1, 8, 1)
+    q = _random(rng, (b, tq, n, hd), jnp.bfloat16)
+    k, v = (_random(rng, (b, 9000, kh, hd), jnp.bfloat16) for _ in range(2))
     assert jax_fa4.api.kernel_plan(q, k, v, **kw).num_splits > 1
     f = jax.jit(functools.partial(jax_fa4.attention, implementation="fa4", **kw))
     o = f(q, k, v)

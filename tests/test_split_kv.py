@@ -16,8 +16,9 @@ from conftest import has_compiler
 import jax_fa4
 import jax_fa4.api
 from jax_fa4 import split_kv, varlen
-from jax_fa4.kernels.split import (MAX_SPLITS, NUM_SMS, check_num_splits, choose_num_splits,
-                                   split_variant, workspace_size)
+from jax_fa4.kernels.split import (DECODE_TILE, MAX_SPLITS, NUM_SMS, check_num_splits,
+                                   choose_num_splits, lse_region, split_variant,
+                                   workspace_size)
 
 SDS = jax.ShapeDtypeStruct
 
@@ -218,6 +219,45 @@ def test_split_call_operands_and_workspace():
 @requires_compiler
 @pytest.mark.compile
 @pytest.mark.usefixtures("_own_cache")
+def test_split_call_fuses_the_combine_without_sinks():
+    line = _call_line(_lower(7))
+    # one custom call: out, lse, then the workspace (FA4's combine runs in the launcher)
+    assert re.search(r"->\s*\(tensor<3x1x16x128xbf16>, tensor<3x16x1xf32>, "
+                     rf"tensor<{workspace_size(3, 16, 1, 128, 7)}xf32>\)", line)
+    assert re.search(r'symbol = "jax_fa4_fwds_', line)
+
+
+def test_workspace_o_region_is_16_byte_aligned():
+    for b, n, t, s in [(1, 1, 1, 7), (3, 2, 1, 5), (2, 16, 3, 1)]:
+        start = lse_region(b, n, t, s)
+        assert start % 4 == 0 and s * b * n * t <= start < s * b * n * t + 4
+        assert workspace_size(b, n, t, 64, s) == start + s * b * n * t * 64
+
+
+def _paged_plan(hd, page, num_splits=None, **kw):
+    pages = 64
+    return varlen.kernel_plan("paged_attention", q=SDS((2, 1, 32, hd), jnp.bfloat16),
+                              k_cache=SDS((pages, page, 4, hd), jnp.bfloat16),
+                              v_cache=SDS((pages, page, 4, hd), jnp.bfloat16),
+                              page_table=SDS((2, pages // 2), jnp.int32),
+                              seqused_k=SDS((2,), jnp.int32), is_causal=True,
+                              num_splits=num_splits, **kw)
+
+
+def test_split_plans_the_decode_tile_for_64_token_pages():
+    sv = _paged_plan(128, 64, num_splits=8).kernel_variant
+    assert sv.base.tile == DECODE_TILE and sv.base.paged_tma and sv.fused_combine
+    unsplit = _paged_plan(128, 64, num_splits=1).variant
+    assert unsplit.tile.tile_m == 128 and not unsplit.paged_tma  # prefill tile, cp.async
+    # other page sizes keep FA4's tile
+    assert _paged_plan(128, 16, num_splits=8).kernel_variant.base.tile.tile_m == 128
+
+
+def test_head_dim_512_splits():
+    plan = _paged_plan(512, 64)
+    assert plan.num_splits > 1 and plan.kernel_variant.base.tile.design == "split_k"
+
+
 def test_unsplit_call_has_out_and_lse():
     line = _call_line(_lower(1))
     assert re.search(r'symbol = "jax_fa4_fwd_[0-9a-f]', line)

@@ -32,15 +32,24 @@ DESIGNS = ("fa4", "split_k", "split_pv", "single_qk")
 HDIM512_DESIGNS = DESIGNS[1:]
 
 
+# Modules that only plan (variants, tiles, heuristics, the cache): what they decide
+# reaches a variant's key as data (tile, flags, ABI numbers), so editing them must not
+# invalidate every compiled object.
+_PLANNING_MODULES = frozenset({"__init__.py", "config.py", "split.py", "backward_config.py",
+                               "cache.py", "compile.py"})
+
+
 @functools.cache
 def kernel_source_digest() -> str:
-    """A digest of this package's kernel sources (every .py file of jax_fa4/kernels).
-    It is part of every variant's key, so a cached object built by other kernel code
-    (an older checkout, a branch) is never loaded: it is rebuilt, or reported missing
-    where compiling is off.  Reads files only; imports nothing."""
+    """A digest of this package's kernel sources (the .py files of jax_fa4/kernels that
+    generate device code: launchers, kernel subclasses, ABIs).  It is part of every
+    variant's key, so a cached object built by other kernel code (an older checkout, a
+    branch) is never loaded: it is rebuilt, or reported missing where compiling is off.
+    Reads files only; imports nothing."""
     h = hashlib.sha256()
     for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        if path.name not in _PLANNING_MODULES:
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -195,6 +195,12 @@ class FlashAttentionForwardSm90SplitK(FlashAttentionForwardSm90):
         raise AssertionError("split-K needs intra_wg_overlap (the exchange hook)")
 
     # ---- epilogue ----------------------------------------------------------------
+    def whole_o_epilogue_mma(self):
+        """(tiled MMA, thread index, O columns) that place both warpgroups' acc_O in the
+        whole O tile: for epilogues that replace FA4's (the split-KV one)."""
+        tiled_mma_pv, block_tidx = self._epilogue_args
+        return tiled_mma_pv, block_tidx, _NUM_WG * self.tile_hdimv
+
     def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
                  tiled_mma, tidx, m_block, head_idx, batch_idx):
         """FA4's epilogue over the whole 64 x hdim_v O tile: with the two-warpgroup PV

@@ -20,7 +20,9 @@ around it:
   into the workspace (kernels/split.py), LSE -inf and O 0 for an empty split.
 
 The launcher passes the LSE region as FA4's `mLSE` (float32, (S*B, N, Tq)); O's region
-follows it, so the epilogue finds it from mLSE's pointer and size.
+follows it, so the epilogue finds it from mLSE's pointer and size.  Then (fused_combine)
+the same launcher runs FA4's own `FlashAttentionForwardCombine` over strided views of
+the workspace, writing the output and LSE: one custom call, two kernels, no XLA work.
 """
 from __future__ import annotations
 
@@ -30,11 +32,13 @@ import inspect
 # forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
 from .forward import _DTYPES, _PTR_ALIGN, _fa4_kernel, _row_major, cuda, cute, cutlass
 from .forward_abi import operands, size_dims
-from .split import SplitVariant
+from .split import COMBINE_LOG_MAX_SPLITS, SplitVariant
 
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, Int64
 from cutlass.cute.runtime import make_ptr
 from flash_attn.cute.block_info import BlockInfo
+from flash_attn.cute.flash_fwd_combine import FlashAttentionForwardCombine
+from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.seqlen_info import SeqlenInfoQK
 from quack import layout_utils
 
@@ -92,10 +96,17 @@ class _SplitBlockInfo(BlockInfo):
         return n_min, n_max
 
 
-def _rebind(method, args, kwargs, **replace):
-    bound = inspect.signature(method).bind(*args, **kwargs)
+def _rebind(signature, args, kwargs, **replace):
+    bound = signature.bind(*args, **kwargs)
     bound.arguments.update(replace)
     return bound.args, bound.kwargs
+
+
+# Arguments are bound against FA4's own `load`/`mma` signatures: a subclass (the
+# head-dim-512 split-K kernel) may override them as (..., tidx, *args) and forward the
+# rest positionally in FA4's order.
+_LOAD_SIG = inspect.signature(FlashAttentionForwardSm90.load)
+_MMA_SIG = inspect.signature(FlashAttentionForwardSm90.mma)
 
 
 def _scale(stride, k):
@@ -111,21 +122,19 @@ class SplitKVMixin:
         return _SplitBlockInfo(**fields)
 
     def load(self, *args, **kwargs):
-        base = super().load
-        a = inspect.signature(base).bind(*args, **kwargs).arguments
-        args, kwargs = _rebind(base, args, kwargs,
+        a = _LOAD_SIG.bind(self, *args, **kwargs).arguments
+        args, kwargs = _rebind(_LOAD_SIG, (self,) + args, kwargs,
                                block_info=self._split_block_info(a["block_info"]),
                                SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
-        return base(*args, **kwargs)
+        return super().load(*args[1:], **kwargs)
 
     def mma(self, *args, **kwargs):
-        base = super().mma
-        a = inspect.signature(base).bind(*args, **kwargs).arguments
+        a = _MMA_SIG.bind(self, *args, **kwargs).arguments
         # The epilogue (called from mma) needs the split's block range.
         self._split_bi = self._split_block_info(a["block_info"])
-        args, kwargs = _rebind(base, args, kwargs, block_info=self._split_bi,
+        args, kwargs = _rebind(_MMA_SIG, (self,) + args, kwargs, block_info=self._split_bi,
                                SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
-        return base(*args, **kwargs)
+        return super().mma(*args[1:], **kwargs)
 
     @cute.jit
     def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
@@ -133,9 +142,15 @@ class SplitKVMixin:
         start, end, _ = self._split_bi.split_range(seqlen, m_block)
         has_work = start < end
         hv = self.out_head_dim_v  # the workspace's (tile_hdimv may be padded)
+        tile_hdimv = self.tile_hdimv
+        if cutlass.const_expr(hasattr(self, "whole_o_epilogue_mma")):
+            # The head-dim-512 split-K kernel: this thread's acc_O holds its warpgroup's
+            # half of the O columns; place it with the two-warpgroup PV MMA.
+            tiled_mma, tidx, tile_hdimv = self.whole_o_epilogue_mma()
         # mLSE: ((G, Tq), KV heads, S*B) with pack_gqa, else (Tq, N, S*B); O's region
-        # follows the LSE region, with the same layout times hv plus a hv mode.
-        o_ptr = mLSE.iterator + cute.size(mLSE.shape)
+        # follows the LSE region padded to 16 bytes (split.lse_region), with the same
+        # layout times hv plus a hv mode.
+        o_ptr = mLSE.iterator + (cute.size(mLSE.shape) + 3) // 4 * 4
         mOp = cute.make_tensor(o_ptr, cute.make_layout(
             (mLSE.shape[0], hv, mLSE.shape[1], mLSE.shape[2]),
             stride=(_scale(mLSE.stride[0], hv), 1, mLSE.stride[1] * hv, mLSE.stride[2] * hv)))
@@ -144,7 +159,7 @@ class SplitKVMixin:
         group = self.qhead_per_kvhead if cutlass.const_expr(self.pack_gqa) else 1
         rows_left = seqlen.seqlen_q * group - m_block * self.tile_m
         thr_mma = tiled_mma.get_slice(tidx)
-        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
+        cO = cute.make_identity_tensor((self.tile_m, tile_hdimv))
         tOcO = thr_mma.partition_C(cO)
         row0 = m_block * self.tile_m
         for i in cutlass.range_constexpr(cute.size(acc_O)):
@@ -171,18 +186,51 @@ def split_kernel(fa):
     return fa
 
 
+def _combine_kernel(sv: SplitVariant) -> FlashAttentionForwardCombine:
+    """FA4's combine with FA4's own launch heuristic for the value head dim
+    (interface.py: 128-column blocks and 8 rows, 64 and 16 for head dims <= 64)."""
+    hv = sv.base.head_dim_v
+    k_block = 64 if hv <= 64 else 128
+    return FlashAttentionForwardCombine(
+        _DTYPES[sv.base.dtype], Float32, hv, num_head=1,  # num_head: varlen scheduler only
+        tile_m=8 if k_block == 128 else 16, k_block_size=k_block,
+        log_max_splits=COMBINE_LOG_MAX_SPLITS)
+
+
+def _i64(x):
+    return Int64(x) if not isinstance(x, int) else x
+
+
+def _combine(combine, w_ptr, out_ptr, lse_ptr, b, tq, n, hv, splits, stream):
+    """Runs `combine` over the workspace (lse_partial (S, B, N, Tq) padded, then
+    o_partial (S, B, N, Tq, Hv)) into out (B, Tq, N, Hv) and lse (B, N, Tq), presenting
+    them in FA4's (split, batch, seqlen, head[, dim]) order as strided views."""
+    S, B, N, T, H = (_i64(x) for x in (splits, b, n, tq, hv))
+    lse_part = cute.make_tensor(w_ptr, cute.make_layout(
+        (splits, b, tq, n), stride=(B * N * T, N * T, 1, T)))
+    o_part = cute.make_tensor(w_ptr + (S * B * N * T + 3) // 4 * 4, cute.make_layout(
+        (splits, b, tq, n, hv), stride=(B * N * T * H, N * T * H, H, T * H, 1)))
+    out = _row_major(out_ptr, [b, tq, n, hv], aligned=True)
+    lse = cute.make_tensor(lse_ptr, cute.make_layout((b, tq, n), stride=(N * T, 1, T)))
+    combine(o_part, lse_part, out, lse, None, None, None, None, None, stream=stream)
+
+
 def _make_launcher(sv: SplitVariant):
     v = sv.base
     fa = split_kernel(_fa4_kernel(v))
     fa.out_head_dim_v = v.head_dim_v
     local = v.mask == "local"
     ops = operands(v)
+    combine = _combine_kernel(sv) if sv.fused_combine else None
+    n_res = 3 if sv.fused_combine else 1  # (out, lse,) workspace
 
     @cute.jit
     def launch(stream: cuda.CUstream, *args):
-        # args: operand pointers, workspace, every operand dimension, wl, wr, splits, scale.
+        # args: operand pointers, [out, lse,] workspace, every operand dimension, wl, wr,
+        # splits, scale.
         wl, wr, splits, scale = args[-4], args[-3], args[-2], args[-1]
-        ptrs, w_ptr, sizes = args[: len(ops)], args[len(ops)], args[len(ops) + 1 : -4]
+        ptrs, res, sizes = args[: len(ops)], args[len(ops): len(ops) + n_res], args[len(ops) + n_res: -4]
+        w_ptr = res[-1]
         t, at = {}, 0
         for i, (name, rank) in enumerate(ops):
             dims = list(sizes[at : at + rank])
@@ -213,6 +261,8 @@ def _make_launcher(sv: SplitVariant):
             None,
             stream=stream,
         )
+        if cutlass.const_expr(combine is not None):
+            _combine(combine, w_ptr, res[0], res[1], b, tq, n, v.head_dim_v, splits, stream)
 
     return launch
 
@@ -228,7 +278,9 @@ def compile_split(sv: SplitVariant) -> bytes:
         align = _PTR_ALIGN.get(name, 4)
         ptrs.append(make_ptr(dt if name in ("q", "k", "v") else Int32, align, gmem,
                              assumed_align=align))
-    ptrs.append(make_ptr(Float32, 4, gmem, assumed_align=4))
+    if sv.fused_combine:  # out, lse
+        ptrs += [make_ptr(dt, 16, gmem, assumed_align=16), make_ptr(Float32, 4, gmem, assumed_align=4)]
+    ptrs.append(make_ptr(Float32, 16, gmem, assumed_align=16))  # workspace (XLA aligns buffers)
     sizes = [Int32(1) for _ in size_dims(v)]
     compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
                             Int32(1), Float32(1.0))

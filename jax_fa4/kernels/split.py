@@ -3,11 +3,15 @@
 A decode step has 1-8 query tokens per sequence: one thread block per (sequence, KV
 head) leaves most of an H100 idle and reads the cache at a fraction of its bandwidth.
 The split-KV kernel (forward_split.py) gives each block a slice of the key blocks and
-writes float32 partial outputs and log-sum-exps; a small pure-JAX combine
-(jax_fa4/split_kv.py) merges them.  Nothing here imports cutlass.
+writes float32 partial outputs and log-sum-exps; FA4's combine kernel, launched by the
+same launcher right after it, merges them into the output and LSE (one custom call, two
+kernels).  Calls with attention sinks merge in pure JAX instead (jax_fa4/split_kv.py):
+FA4's combine has no sink term, and the sink must enter exactly once.  Nothing here
+imports cutlass.
 
 Workspace (one float32 result of the custom call, allocated by XLA), for S splits:
-    lse_partial (S, B, N, Tq)      then      o_partial (S, B, N, Tq, Hv)
+    lse_partial (S, B, N, Tq), padded to a multiple of 4 floats,  then
+    o_partial (S, B, N, Tq, Hv)            (16-byte aligned: the combine's vector loads)
 The kernel sees S*B "virtual" sequences, virtual batch index s*B + b.
 """
 from __future__ import annotations
@@ -17,10 +21,10 @@ import hashlib
 import json
 import math
 
-from .config import CUTLASS_DSL_VERSION, FA4_VERSION, ForwardVariant
+from .config import CUTLASS_DSL_VERSION, FA4_VERSION, ForwardVariant, TileConfig
 
 # Bump when the split launcher's argument convention (forward_split.py) changes.
-SPLIT_ABI = 1
+SPLIT_ABI = 2  # 2: padded LSE region; out and lse results when the combine is fused
 # H100 SXM.  The heuristic is tuned for it; other SM90 parts only see a different
 # wave count.
 NUM_SMS = 132
@@ -30,9 +34,15 @@ MAX_SPLITS = 128
 # A split shorter than this many key blocks costs more in fixed per-block work (Q load,
 # pipeline fill, epilogue) than it saves.
 MIN_BLOCKS_PER_SPLIT = 2
-# Head dims validated on the GPU with the split epilogue.  Larger ones (hdim 512's own
-# kernels) use other tiled MMAs: enable them once their GPU tests pass with splits.
-MAX_HEAD_DIM = 256
+# Head dims the split epilogue serves: FA4's kernel up to 256, and the head-dim-512
+# split-K kernel (its epilogue places both warpgroups' O halves; kernels/forward_split.py).
+MAX_HEAD_DIM = 512
+# Kernel designs whose epilogue the split-KV mixin replaces (validated on the GPU);
+# the other head-dim-512 designs (split-PV, single-QK) run unsplit.
+DESIGNS = ("fa4", "split_k")
+DECODE_TILE = TileConfig(64, 64, mma_pv_is_rs=True, intra_wg_overlap=True, num_stages=4)
+# Largest split count FA4's combine kernel is compiled for (its log_max_splits).
+COMBINE_LOG_MAX_SPLITS = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +51,9 @@ class SplitVariant:
     (the combine adds sinks once, so no split adds them)."""
 
     base: ForwardVariant
+    # FA4's combine kernel runs in the same launcher (results: out, lse, workspace);
+    # False: the launcher writes the workspace only and JAX merges (sinks).
+    fused_combine: bool = True
 
     def __post_init__(self):
         b = self.base
@@ -50,14 +63,16 @@ class SplitVariant:
             raise ValueError("split-KV variants take seqused_k, no seqused_q, no sinks")
 
     def as_dict(self) -> dict:
-        return {"kind": "sm90_forward_split", "base": self.base.as_dict()}
+        return {"kind": "sm90_forward_split", "base": self.base.as_dict(),
+                "fused_combine": self.fused_combine}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SplitVariant":
-        return cls(ForwardVariant.from_dict(d["base"]))
+        return cls(ForwardVariant.from_dict(d["base"]), d.get("fused_combine", True))
 
     def key(self) -> str:
         return json.dumps({"abi": SPLIT_ABI, "fa4": FA4_VERSION,
+                           "combine_log_max_splits": COMBINE_LOG_MAX_SPLITS,
                            "cutlass_dsl": CUTLASS_DSL_VERSION, **self.as_dict(),
                            "base_key": json.loads(self.base.key())}, sort_keys=True)
 
@@ -66,18 +81,44 @@ class SplitVariant:
         return "jax_fa4_fwds_" + hashlib.sha256(self.key().encode()).hexdigest()[:20]
 
     def describe(self) -> str:
-        return self.base.describe() + ", split-KV"
+        return (self.base.describe() + ", split-KV"
+                + (" + combine" if self.fused_combine else ""))
+
+
+def decode_variant(v: ForwardVariant, page_size: int | None) -> ForwardVariant:
+    """The variant the split kernel builds on for calls planned as `v` (page_size: the
+    paged cache's, None for dense k/v).
+
+    Head dims 64 and 128 with dense keys or 64-token pages take a 64 x 64 tile with 4
+    K/V stages: one MMA warpgroup (a decode step fills 8 of its 64 query rows at GQA 8,
+    FA4's 128-row tile 8 of 128) and 64-token pages loaded by TMA instead of FA4's
+    cp.async gathers.  Measured on H100 (docs/PERF.md): up to 26 % less kernel time at
+    batch 1, the same at batch 8.  Other head dims and page sizes keep `v`."""
+    if v.tile.design != "fa4" or v.head_dim != v.head_dim_v or v.head_dim not in (64, 128):
+        return v
+    if v.kv_layout == "dense":
+        return dataclasses.replace(v, tile=DECODE_TILE)
+    if v.kv_layout == "paged" and page_size == DECODE_TILE.tile_n:
+        return dataclasses.replace(v, tile=DECODE_TILE, paged_tma=True)
+    return v
 
 
 def split_variant(v: ForwardVariant) -> SplitVariant:
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
     dense k/v get an explicit seqused_k)."""
-    return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True))
+    return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
+                        fused_combine=not v.has_sinks)
+
+
+def lse_region(batch: int, heads: int, seq_q: int, splits: int) -> int:
+    """float32 elements before o_partial: the LSE partials, padded to 16 bytes."""
+    n = splits * batch * heads * seq_q
+    return -(-n // 4) * 4
 
 
 def workspace_size(batch: int, heads: int, seq_q: int, head_dim_v: int, splits: int) -> int:
     """float32 elements of the workspace (see the module docstring)."""
-    return splits * batch * heads * seq_q * (1 + head_dim_v)
+    return lse_region(batch, heads, seq_q, splits) + splits * batch * heads * seq_q * head_dim_v
 
 
 def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,

@@ -1,0 +1,37 @@
+"""GPU time of a jitted program from a JAX profiler trace (no host time in it).
+
+`device_time(f, *args)` runs f once under `jax.profiler.trace` and reads the GPU's
+kernel events from the trace (jax.profiler.ProfileData, no TensorBoard needed): the span
+from the first kernel's start to the last one's end, and the summed kernel durations.
+A chain of R dependent calls in one program divides both by R and gives the per-call
+device time, launch gaps between its kernels included but not the host's dispatch.
+"""
+from __future__ import annotations
+
+import glob
+import tempfile
+
+import jax
+
+
+def device_time(f, *args):
+    """(span_s, busy_s, kernels) of one run of f(*args), or None if the trace has no GPU
+    kernel events (e.g. on CPU)."""
+    jax.block_until_ready(f(*args))  # compiled and warm
+    d = tempfile.mkdtemp(prefix="jax_fa4_trace_")
+    with jax.profiler.trace(d):
+        jax.block_until_ready(f(*args))
+    paths = sorted(glob.glob(d + "/**/*.xplane.pb", recursive=True))
+    if not paths:
+        return None
+    events = []
+    for plane in jax.profiler.ProfileData.from_file(paths[-1]).planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if "stream" in line.name.lower():
+                    events += [(e.start_ns, e.duration_ns) for e in line.events]
+    if not events:
+        return None
+    start = min(s for s, _ in events)
+    end = max(s + d for s, d in events)
+    return (end - start) * 1e-9, sum(d for _, d in events) * 1e-9, len(events)
