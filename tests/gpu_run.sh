@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, bench, paged, sweep, loop, gemma, hdim512, single_qk; default
+# (comma-separated: tests, bench, paged, decode, sweep, loop, gemma, hdim512, single_qk; default
 # tests,bench) with precompiled
 # kernels from .device/kernels.  Logs and JSON go to $OUT.
 set -u
@@ -40,6 +40,11 @@ fi
 if [[ $what == *,paged,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_paged.py --out "$OUT/paged.json" \
     2>&1 | tee "$OUT/paged.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,decode,* ]]; then
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_decode.py ${DECODE_ARGS:-} \
+    --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,hdim512,* ]]; then
