@@ -543,3 +543,17 @@ def test_precompiled_kernels_lower_without_the_compiler(precompiled):
     """, {"JAX_FA4_CACHE_DIR": str(path), "JAX_FA4_COMPILE": "never"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "ok"
+
+
+def test_every_kernel_module_is_digested_or_planning_only():
+    """A new kernel module must join a *_SOURCES digest (config.py) or be pure planning,
+    or cached objects built from its old code would be loaded."""
+    import pathlib
+
+    from jax_fa4.kernels import config
+
+    here = pathlib.Path(config.__file__).parent
+    digested = set(config.FORWARD_SOURCES + config.SPLIT_SOURCES + config.BACKWARD_SOURCES)
+    planning = {"__init__.py", "config.py", "split.py", "backward_config.py", "cache.py",
+                "compile.py"}
+    assert {p.name for p in here.glob("*.py")} == digested | planning

@@ -10,7 +10,8 @@ import dataclasses
 import hashlib
 import json
 
-from .config import CUTLASS_DSL_VERSION, DTYPES, FA4_VERSION, MASKS, kernel_source_digest
+from .config import (BACKWARD_SOURCES, CUTLASS_DSL_VERSION, DTYPES, FA4_VERSION, MASKS,
+                     kernel_source_digest)
 
 # Bump when the backward launcher's argument convention (backward_abi.py) changes.
 BACKWARD_ABI = 1
@@ -123,7 +124,7 @@ class BackwardVariant:
     def key(self) -> str:
         return json.dumps({"kind": "sm90_backward", "abi": BACKWARD_ABI, "fa4": FA4_VERSION,
                            "cutlass_dsl": CUTLASS_DSL_VERSION,
-                           "source": kernel_source_digest(), **self.as_dict()},
+                           "source": kernel_source_digest(*BACKWARD_SOURCES), **self.as_dict()},
                           sort_keys=True)
 
     @property

@@ -32,24 +32,26 @@ DESIGNS = ("fa4", "split_k", "split_pv", "single_qk")
 HDIM512_DESIGNS = DESIGNS[1:]
 
 
-# Modules that only plan (variants, tiles, heuristics, the cache): what they decide
-# reaches a variant's key as data (tile, flags, ABI numbers), so editing them must not
-# invalidate every compiled object.
-_PLANNING_MODULES = frozenset({"__init__.py", "config.py", "split.py", "backward_config.py",
-                               "cache.py", "compile.py"})
+# The kernel sources behind each kind of compiled object (modules of jax_fa4/kernels
+# that generate device code or fix a launcher's arguments).  The planning modules
+# (config.py, split.py, backward_config.py, cache.py, compile.py) reach the keys as data
+# (tiles, flags, ABI numbers), so editing them invalidates nothing.
+FORWARD_SOURCES = ("forward.py", "forward_abi.py", "forward_hdim512.py",
+                   "forward_hdim512_splitk.py")
+SPLIT_SOURCES = ("forward_split.py",)  # on top of the base variant's FORWARD_SOURCES
+BACKWARD_SOURCES = ("backward.py", "backward_abi.py", "forward.py")
 
 
 @functools.cache
-def kernel_source_digest() -> str:
-    """A digest of this package's kernel sources (the .py files of jax_fa4/kernels that
-    generate device code: launchers, kernel subclasses, ABIs).  It is part of every
-    variant's key, so a cached object built by other kernel code (an older checkout, a
-    branch) is never loaded: it is rebuilt, or reported missing where compiling is off.
-    Reads files only; imports nothing."""
+def kernel_source_digest(*names: str) -> str:
+    """A digest of the named kernel source files of jax_fa4/kernels.  It is part of
+    every variant's key, so a cached object built by other kernel code (an older
+    checkout, a branch) is never loaded: it is rebuilt, or reported missing where
+    compiling is off.  Reads files only; imports nothing."""
     h = hashlib.sha256()
-    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
-        if path.name not in _PLANNING_MODULES:
-            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    here = pathlib.Path(__file__).parent
+    for name in sorted(names):
+        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -175,7 +177,7 @@ class ForwardVariant:
                 "abi": LAUNCHER_ABI,
                 "fa4": FA4_VERSION,
                 "cutlass_dsl": CUTLASS_DSL_VERSION,
-                "source": kernel_source_digest(),
+                "source": kernel_source_digest(*FORWARD_SOURCES),
                 **self.as_dict(),
             },
             sort_keys=True,

@@ -21,7 +21,8 @@ import hashlib
 import json
 import math
 
-from .config import CUTLASS_DSL_VERSION, FA4_VERSION, ForwardVariant, TileConfig
+from .config import (CUTLASS_DSL_VERSION, FA4_VERSION, SPLIT_SOURCES, ForwardVariant,
+                     TileConfig, kernel_source_digest)
 
 # Bump when the split launcher's argument convention (forward_split.py) changes.
 SPLIT_ABI = 2  # 2: padded LSE region; out and lse results when the combine is fused
@@ -73,6 +74,7 @@ class SplitVariant:
     def key(self) -> str:
         return json.dumps({"abi": SPLIT_ABI, "fa4": FA4_VERSION,
                            "combine_log_max_splits": COMBINE_LOG_MAX_SPLITS,
+                           "source": kernel_source_digest(*SPLIT_SOURCES),
                            "cutlass_dsl": CUTLASS_DSL_VERSION, **self.as_dict(),
                            "base_key": json.loads(self.base.key())}, sort_keys=True)
 
