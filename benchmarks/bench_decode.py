@@ -81,14 +81,38 @@ def time_chain(fn, q, caches, rest, reps, calls):
     return (dev[0] / calls if dev else float("nan")), float(np.median(times)) / calls
 
 
+def markdown(res: dict) -> str:
+    """PERF.md tables (one per head dim) from a results JSON."""
+    out = []
+    for hd in sorted({r["hdim"] for r in res["rows"]}):
+        out += [f"hdim {hd}:", "", "| b | seqused | S | split | unsplit | xla | split / unsplit |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in (r for r in res["rows"] if r["hdim"] == hd):
+            tb, us = r["tb_s"], r["us"]
+            cell = lambda k: f"{tb[k]:.2f} ({us[k]:.0f} µs)" if k in tb else "—"  # noqa: E731
+            ratio = (f"{us['unsplit'] / us['split']:.1f}×" if "unsplit" in us and "split" in us
+                     else "same kernel")
+            out.append(f"| {r['b']} | {r['seqused'] // 1024}k | {r['splits']} | {cell('split')} "
+                       f"| {cell('unsplit')} | {cell('xla')} | {ratio} |")
+        out.append("")
+    for sw in res.get("sweep", []):
+        out.append(f"sweep b{sw['b']} x {sw['seqused'] // 1024}k: " + ", ".join(
+            f"S={k}: {v:.2f}" for k, v in sw["tb_s"].items()))
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/decode.json")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--calls", type=int, default=16, help="calls chained per program")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--table", metavar="JSON", help="print PERF.md tables from a results file")
     p.add_argument("--hdims", default=",".join(map(str, HDIMS)))
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.load(open(args.table))))
+        return
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     res = dict(device=dev.device_kind, date=time.strftime("%Y-%m-%d"), heads=HEADS,

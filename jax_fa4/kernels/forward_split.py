@@ -139,6 +139,9 @@ class SplitKVMixin:
     @cute.jit
     def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
                  tiled_mma, tidx, m_block, head_idx, batch_idx):
+        # Let the combine kernel (a programmatic dependent launch) be scheduled: it waits
+        # for this grid's completion before it reads anything.
+        cute.arch.griddepcontrol_launch_dependents()
         start, end, _ = self._split_bi.split_range(seqlen, m_block)
         has_work = start < end
         hv = self.out_head_dim_v  # the workspace's (tile_hdimv may be padded)
@@ -186,15 +189,32 @@ def split_kernel(fa):
     return fa
 
 
+class _CombineAfterSplit(FlashAttentionForwardCombine):
+    """FA4's combine, launched as a programmatic dependent of the split kernel (PDL):
+    its thread blocks are scheduled once every split block has reached its epilogue
+    (SplitKVMixin.epilogue triggers), run their prologue, and wait in FA4's own
+    `griddepcontrol_wait` until the split kernel has finished and its writes are
+    visible.  This hides the second launch's latency (a few microseconds of a decode
+    step at batch 1)."""
+
+    def kernel(self, *args, **kwargs):
+        launcher = FlashAttentionForwardCombine.kernel(self, *args, **kwargs)
+        launch = launcher.launch
+        launcher.launch = lambda *a, **kw: launch(*a, use_pdl=True, **kw)
+        return launcher
+
+
 def _combine_kernel(sv: SplitVariant) -> FlashAttentionForwardCombine:
-    """FA4's combine with FA4's own launch heuristic for the value head dim
-    (interface.py: 128-column blocks and 8 rows, 64 and 16 for head dims <= 64)."""
+    """FA4's combine with FA4's own block shape for the value head dim (interface.py:
+    128-column blocks and 8 rows, 64 and 16 for head dims <= 64), but 8 cp.async stages
+    over the splits instead of 4: at batch 1 a combine block walks ~30 splits, so more
+    loads in flight shorten its latency chain."""
     hv = sv.base.head_dim_v
     k_block = 64 if hv <= 64 else 128
-    return FlashAttentionForwardCombine(
+    return _CombineAfterSplit(
         _DTYPES[sv.base.dtype], Float32, hv, num_head=1,  # num_head: varlen scheduler only
         tile_m=8 if k_block == 128 else 16, k_block_size=k_block,
-        log_max_splits=COMBINE_LOG_MAX_SPLITS)
+        log_max_splits=COMBINE_LOG_MAX_SPLITS, stages=8)
 
 
 def _i64(x):
