@@ -35,6 +35,14 @@ MAX_SPLITS = 128
 # A split shorter than this many key blocks costs more in fixed per-block work (Q load,
 # pipeline fill, epilogue) than it saves.
 MIN_BLOCKS_PER_SPLIT = 2
+# A grid of at most this many (sequence, KV head, query tile) tiles -- a decode batch
+# of one or two sequences -- is split for SMALL_GRID_WAVE of a wave, not a full one: one
+# split block streams ~45 GB/s, so ~64-80 blocks already read the cache at HBM speed,
+# and every further split adds a serial step to the combine.  Measured on H100 at batch
+# 1 with 4 KV heads (docs/PERF.md): 16-20 splits beat 30 by 1-12 % at head dims 128,
+# 256 and 512; batches of 4 and 8 (16 and 32 tiles) are fastest with a full wave.
+SMALL_GRID_TILES = 8
+SMALL_GRID_WAVE = 0.6
 # Head dims the split epilogue serves: FA4's kernel up to 256, and the head-dim-512
 # split-K kernel (its epilogue places both warpgroups' O halves; kernels/forward_split.py).
 MAX_HEAD_DIM = 512
@@ -130,7 +138,8 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
     batch * kv_heads * m_blocks thread blocks run without splitting; when that fills
     most of the GPU, splitting only adds combine work.  Otherwise pick the smallest
     split count whose wave efficiency (blocks / (SMs * waves)) is within 10% of the
-    best, keeping >= MIN_BLOCKS_PER_SPLIT key blocks per split.
+    best, keeping >= MIN_BLOCKS_PER_SPLIT key blocks per split; small grids stop at
+    SMALL_GRID_WAVE of a wave.
 
     n_blocks is the key blocks of the *longest possible* sequence (cache capacity):
     lengths are traced, so a skewed batch (one long sequence among short ones) is sized
@@ -146,7 +155,10 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
         waves = tiles * s / num_sms
         effs[s] = waves / math.ceil(waves)
     best = max(effs.values())
-    return next(s for s in sorted(effs) if effs[s] >= 0.9 * best)
+    s = next(s for s in sorted(effs) if effs[s] >= 0.9 * best)
+    if tiles <= SMALL_GRID_TILES:
+        s = min(s, math.ceil(SMALL_GRID_WAVE * num_sms / tiles))
+    return s
 
 
 def check_num_splits(num_splits, batch: int) -> int | None:
