@@ -143,7 +143,7 @@ def main():
                            tb_s={}, us={}, wall_us={})
                 impls = [("split", dict(implementation="fa4")),
                          ("unsplit", dict(implementation="fa4", num_splits=1))]
-                if b * s <= XLA_MAX_TOKENS and hd == 128:
+                if b * s <= XLA_MAX_TOKENS:
                     impls.append(("xla", dict(implementation="xla")))
                 for name, kw in impls:
                     if name == "unsplit" and plan.num_splits == 1:
