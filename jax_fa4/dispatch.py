@@ -46,11 +46,24 @@ class KernelPlan:
     window_left: int  # runtime window bounds in FA4's bottom-right convention
     window_right: int
     num_splits: int = 1  # > 1: split-KV kernel (kernels/split.py) + combine
+    # The key blocks the split heuristic sized num_splits for; None when the caller
+    # forced num_splits or nothing is split.  Lets a sharded call re-plan its count.
+    split_key_blocks: int | None = None
 
     @property
     def kernel_variant(self):
         """The compiled object this plan runs: `variant`, or its split-KV kernel."""
         return self.variant if self.num_splits == 1 else split_variant(self.variant)
+
+    def for_shard(self, batch: int, heads_k: int) -> "KernelPlan":
+        """This plan for one shard of `batch` sequences and `heads_k` KV heads: a
+        heuristic split count is re-chosen for the shard's own GPU (a shard of fewer
+        sequences or heads needs more splits to fill its SMs).  The kernel stays the
+        split kernel (at least 2 splits); forced counts are kept."""
+        if self.split_key_blocks is None:
+            return self
+        s = max(2, choose_num_splits(batch, heads_k, 1, self.split_key_blocks))
+        return dataclasses.replace(self, num_splits=s)
 
 
 class Unsupported(Exception):
@@ -152,14 +165,18 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
                              f"{SPLIT_MAX_HEAD_DIM} and the {SPLIT_DESIGNS} kernel designs, "
                              f"not {v.describe()}")
         return plan
+    key_blocks = None
     if num_splits is None:
         rows = seq_q * (v.qhead_per_kvhead if v.pack_gqa else 1)
         # Automatic only for decode-like calls: one query tile per (sequence, KV head).
+        key_blocks = -(-max_seq_k // v.tile.tile_n)
         num_splits = 1 if rows > v.tile.tile_m else choose_num_splits(
-            batch, heads_k, 1, -(-max_seq_k // v.tile.tile_n))
-    if num_splits > 1:
-        v = decode_variant(v, page_size)
-    return dataclasses.replace(plan, variant=v, num_splits=num_splits)
+            batch, heads_k, 1, key_blocks)
+    if num_splits == 1:
+        return plan
+    v = decode_variant(v, page_size)
+    return dataclasses.replace(plan, variant=v, num_splits=num_splits,
+                               split_key_blocks=key_blocks)
 
 
 def _kernel_plan(c, window, *, cap: int, **layout) -> KernelPlan:

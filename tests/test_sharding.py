@@ -599,3 +599,45 @@ def test_cuda_lowering_partitions_the_backward_call(partitioner, cuda_env, tmp_p
 for _m in compile_test:
     test_cuda_lowering_partitions_the_backward_call = _m(
         test_cuda_lowering_partitions_the_backward_call)
+
+
+def test_per_shard_call_replans_a_heuristic_split_count():
+    """Under jit the partitioned call is planned for global shapes; its per-shard
+    function re-chooses a heuristic split count for the shard's batch and KV heads (as
+    shard_map's per-shard tracing does), and keeps a forced one."""
+    from jax_fa4.primitive import fa4_fwd_p
+
+    sds = jax.ShapeDtypeStruct
+
+    def shapes(b, kh, pages=4096):
+        return (sds((b, 1, 4 * kh, 128), jnp.bfloat16),
+                sds((pages, 64, kh, 128), jnp.bfloat16), sds((pages, 64, kh, 128), jnp.bfloat16),
+                sds((b, 512), jnp.int32), sds((b,), jnp.int32))
+
+    def fwd_params(f, *args):  # the primitive's params, wherever jit/custom_vjp nest it
+        def walk(jaxpr):
+            for e in jaxpr.eqns:
+                if e.primitive is fa4_fwd_p:
+                    yield e.params["params"]
+                for v in e.params.values():
+                    inner = getattr(v, "jaxpr", v)
+                    if hasattr(inner, "eqns"):
+                        yield from walk(inner)
+        return next(walk(jax.make_jaxpr(f)(*args).jaxpr))
+
+    def params_of(num_splits, *args):
+        return fwd_params(lambda *a: jax_fa4.paged_attention(
+            *a, is_causal=True, num_splits=num_splits), *args)
+
+    def shard_splits(params, *args):
+        return fwd_params(lambda *a: sharding._per_shard(params, *a), *args).plan.num_splits
+
+    from jax_fa4.kernels.split import choose_num_splits
+    auto = params_of(None, *shapes(8, 8))
+    assert auto.plan.num_splits == choose_num_splits(8, 8, 1, 32768 // 128) > 1
+    assert shard_splits(auto, *shapes(8, 8)) == auto.plan.num_splits  # unsharded: same
+    # heads over 2 devices: 4 KV heads per shard -> the count for 32 tiles, not 64
+    assert shard_splits(auto, *shapes(8, 4)) == choose_num_splits(8, 4, 1, 32768 // 128)
+    assert shard_splits(auto, *shapes(8, 4)) > auto.plan.num_splits
+    forced = params_of(3, *shapes(8, 8))
+    assert shard_splits(forced, *shapes(2, 8)) == 3
