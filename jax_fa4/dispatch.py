@@ -47,7 +47,8 @@ class KernelPlan:
     window_right: int
     num_splits: int = 1  # > 1: split-KV kernel (kernels/split.py) + combine
     # The key blocks the split heuristic sized num_splits for; None when the caller
-    # forced num_splits or nothing is split.  Lets a sharded call re-plan its count.
+    # forced num_splits or nothing is split.  Lets the lowering re-plan the count for
+    # the shapes it sees (splits_for).
     split_key_blocks: int | None = None
 
     @property
@@ -55,15 +56,15 @@ class KernelPlan:
         """The compiled object this plan runs: `variant`, or its split-KV kernel."""
         return self.variant if self.num_splits == 1 else split_variant(self.variant)
 
-    def for_shard(self, batch: int, heads_k: int) -> "KernelPlan":
-        """This plan for one shard of `batch` sequences and `heads_k` KV heads: a
-        heuristic split count is re-chosen for the shard's own GPU (a shard of fewer
-        sequences or heads needs more splits to fill its SMs).  The kernel stays the
-        split kernel (at least 2 splits); forced counts are kept."""
+    def splits_for(self, batch: int, heads_k: int) -> int:
+        """The split count for the shapes the call is lowered with: a heuristic count is
+        re-chosen for `batch` sequences and `heads_k` KV heads (a shard under jit or
+        shard_map, or a batch folded by vmap, fills its GPU differently from the shapes
+        the plan saw); a forced count is kept.  The kernel stays the split kernel (at
+        least 2 splits)."""
         if self.split_key_blocks is None:
-            return self
-        s = max(2, choose_num_splits(batch, heads_k, 1, self.split_key_blocks))
-        return dataclasses.replace(self, num_splits=s)
+            return self.num_splits
+        return max(2, choose_num_splits(batch, heads_k, 1, self.split_key_blocks))
 
 
 class Unsupported(Exception):

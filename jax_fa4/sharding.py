@@ -41,7 +41,6 @@ turns the rule off, e.g. to lower against an AbstractMesh alone (see there).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -61,12 +60,6 @@ __all__ = ["backward_call_specs", "backward_shardy_rule", "call_specs", "set_ena
 
 
 def _per_shard(params: FwdParams, *args):
-    # Operands have the shard's shapes here: a heuristic split count is re-planned for
-    # them (as shard_map's per-shard tracing does), so each GPU's SMs are filled.
-    a = dict(zip(_names(params), args))
-    plan = params.plan.for_shard(a["q"].shape[0], a["k"].shape[-2])
-    if plan is not params.plan:
-        params = dataclasses.replace(params, plan=plan)
     return tuple(fa4_fwd_p.bind(*args, params=params))
 
 

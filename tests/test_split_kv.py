@@ -263,6 +263,66 @@ def test_unsplit_call_has_out_and_lse():
     assert re.search(r"->\s*\(tensor<3x1x16x128xbf16>, tensor<3x16x1xf32>\)", line)
 
 
+def _paged_shapes(b, kh, hd=128):
+    return (SDS((b, 1, 4 * kh, hd), jnp.bfloat16), SDS((4096, 64, kh, hd), jnp.bfloat16),
+            SDS((4096, 64, kh, hd), jnp.bfloat16), SDS((b, 512), jnp.int32),
+            SDS((b,), jnp.int32))
+
+
+def _fwd_params(f, *args):
+    """The jax_fa4_fwd primitive's params in f's jaxpr, wherever jit/custom_vjp nest it."""
+    from jax_fa4.primitive import fa4_fwd_p
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive is fa4_fwd_p:
+                yield e.params["params"]
+            for v in e.params.values():
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns"):
+                    yield from walk(inner)
+    return next(walk(jax.make_jaxpr(f)(*args).jaxpr))
+
+
+def _lowered_splits(f, *args):
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return int(re.search(r"i32_scalars = dense<\[-?\d+, -?\d+, (\d+)\]>",
+                         _call_line(text)).group(1))
+
+
+@requires_compiler
+@pytest.mark.compile
+@pytest.mark.usefixtures("_own_cache")
+def test_lowering_replans_a_heuristic_split_count_for_its_shapes():
+    """The split count is taken when the call is lowered, from the shapes lowered: a
+    shard's (jit's per-shard call, shard_map) or a batch folded by vmap, which fill a
+    GPU differently from the shapes the plan saw.  A forced count is kept."""
+    from jax_fa4.primitive import fa4_fwd_p
+
+    kw = dict(is_causal=True, implementation="fa4", local_window_size=(100, 0))
+    paged = lambda n: functools.partial(jax_fa4.paged_attention, num_splits=n, **kw)  # noqa: E731
+    auto = _fwd_params(paged(None), *_paged_shapes(8, 8))
+    bind = lambda params: lambda *a: fa4_fwd_p.bind(*a, params=params)  # noqa: E731
+    blocks = 32768 // 128
+    full = choose_num_splits(8, 8, 1, blocks)
+    assert auto.plan.num_splits == full > 1
+    assert _lowered_splits(bind(auto), *_paged_shapes(8, 8)) == full
+    # heads over 2 devices: 4 KV heads per shard -> more splits per GPU
+    heads = choose_num_splits(8, 4, 1, blocks)
+    assert heads > full and _lowered_splits(bind(auto), *_paged_shapes(8, 4)) == heads
+    # batch over 4 devices
+    assert _lowered_splits(bind(auto), *_paged_shapes(2, 8)) == choose_num_splits(
+        2, 8, 1, blocks)
+    forced = _fwd_params(paged(3), *_paged_shapes(8, 8))
+    assert _lowered_splits(bind(forced), *_paged_shapes(2, 8)) == 3
+    # vmap: 4 mapped batches of 2 sequences over one shared pool fold into batch 8
+    q, kc, vc, table, used = _paged_shapes(2, 8)
+    mapped = [SDS((4,) + x.shape, x.dtype) for x in (q, table, used)]
+    vf = jax.vmap(paged(None), in_axes=(0, None, None, 0, 0))
+    assert choose_num_splits(2, 8, 1, blocks) != full
+    assert _lowered_splits(vf, mapped[0], kc, vc, mapped[1], mapped[2]) == full
+
+
 def test_split_variant_key_differs_from_base():
     plan = varlen.kernel_plan("paged_attention", q=SDS((1, 1, 8, 64), jnp.bfloat16),
                               k_cache=SDS((9, 16, 2, 64), jnp.bfloat16),

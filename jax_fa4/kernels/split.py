@@ -29,9 +29,10 @@ SPLIT_ABI = 2  # 2: padded LSE region; out and lse results when the combine is f
 # H100 SXM.  The heuristic is tuned for it; other SM90 parts only see a different
 # wave count.
 NUM_SMS = 132
-# Grid z holds S*B virtual sequences (CUDA limit 65535); more than 128 splits never
+# Grid z holds S*B virtual sequences, at most CUDA's limit; more than 128 splits never
 # paid off in FA2/FA3's heuristics either.
 MAX_SPLITS = 128
+MAX_GRID_Z = 65535
 # A split shorter than this many key blocks costs more in fixed per-block work (Q load,
 # pipeline fill, epilogue) than it saves.
 MIN_BLOCKS_PER_SPLIT = 2
@@ -149,7 +150,7 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
     tiles = batch * kv_heads * m_blocks
     if tiles >= 0.8 * num_sms or n_blocks < 2 * MIN_BLOCKS_PER_SPLIT:
         return 1
-    limit = min(MAX_SPLITS, n_blocks // MIN_BLOCKS_PER_SPLIT, max(1, 65535 // batch))
+    limit = min(MAX_SPLITS, n_blocks // MIN_BLOCKS_PER_SPLIT, max(1, MAX_GRID_Z // batch))
     effs = {}
     for s in range(1, limit + 1):
         waves = tiles * s / num_sms
@@ -169,7 +170,7 @@ def check_num_splits(num_splits, batch: int) -> int | None:
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
     if num_splits > MAX_SPLITS:
         raise ValueError(f"num_splits must be <= {MAX_SPLITS}, got {num_splits}")
-    if num_splits * batch > 65535:
-        raise ValueError(f"num_splits * batch must be <= 65535 (CUDA grid), got "
+    if num_splits * batch > MAX_GRID_Z:
+        raise ValueError(f"num_splits * batch must be <= {MAX_GRID_Z} (CUDA grid), got "
                          f"{num_splits} * {batch}")
     return num_splits
