@@ -22,6 +22,8 @@ import pathlib
 
 import pytest
 
+from jax_fa4.cpu_compile import use_fast_cpu_compile
+
 
 def has_compiler() -> bool:
     """True if FA4 (flash_attn) and the CuTe DSL (cutlass) are importable.
@@ -35,19 +37,8 @@ def has_compiler() -> bool:
         return False
 
 
-def _cpu_only_install() -> bool:
-    names = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-             "jax_rocm7_plugin", "libtpu")
-    try:
-        return all(importlib.util.find_spec(n) is None for n in names)
-    except (ImportError, ValueError):
-        return False
-
-
-if _cpu_only_install() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    # Read when JAX creates its first backend, i.e. after this (conftest) import.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+# Read when JAX creates its first backend, i.e. after this (conftest) import.
+use_fast_cpu_compile()
 
 
 requires_compiler = pytest.mark.skipif(
