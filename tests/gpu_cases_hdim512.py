@@ -7,6 +7,7 @@ window, softcap, sinks, float16 and unequal lengths.  Varlen and paged
 (page size 64: TMA pages; 16: cp.async pages) entries use tests/gpu_cases_paged.py's
 shapes; their test draws the lengths.
 """
+import contextlib
 import itertools
 import os
 import sys
@@ -54,28 +55,40 @@ def _cases():
 CALLS = _cases()
 
 
+@contextlib.contextmanager
+def design_tiles(design):
+    """Within: dispatch picks `design` for head dim 512 (the tile heuristic, patched
+    where dispatch and ForwardVariant look it up).  Used by the GPU test's `design`
+    fixture and by precompile_designs, so both plan the same variants."""
+    from unittest import mock
+
+    from jax_fa4 import dispatch
+    from jax_fa4.kernels import config
+
+    heuristic = config.sm90_forward_tile
+
+    def tile(*args, **kwargs):
+        t = heuristic(*args, **kwargs)
+        return t if t.design == "fa4" else config.hdim512_tile(design)
+
+    with mock.patch.object(config, "sm90_forward_tile", tile), \
+            mock.patch.object(dispatch, "sm90_forward_tile", tile):
+        yield
+
+
 def precompile_designs(cache_dir=None):
     """Builds the kernel objects of DESIGNS for CALLS (`python -m jax_fa4.precompile
     --calls` builds the default design's only):
     python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g;
     g.precompile_designs('DIR')"."""
-    from unittest import mock
-
-    from jax_fa4 import dispatch, precompile
-    from jax_fa4.kernels import config, get_object
+    from jax_fa4 import precompile
+    from jax_fa4.kernels import get_object
 
     if cache_dir:
         os.environ["JAX_FA4_CACHE_DIR"] = cache_dir
     os.environ["JAX_FA4_COMPILE"] = "auto"
-    heuristic = config.sm90_forward_tile
-    # Plans as test_gpu_hdim512's `design` fixture makes them (split plans included).
     for d in DESIGNS:
-        def tile(*args, _d=d, **kwargs):
-            t = heuristic(*args, **kwargs)
-            return t if t.design == "fa4" else config.hdim512_tile(_d)
-
-        with mock.patch.object(config, "sm90_forward_tile", tile), \
-                mock.patch.object(dispatch, "sm90_forward_tile", tile):
+        with design_tiles(d):
             for v in precompile.variants_from_calls(os.path.abspath(__file__)):
                 print(v.describe(), flush=True)
                 get_object(v)

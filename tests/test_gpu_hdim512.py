@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import test_gpu_forward  # noqa: E402
 import test_gpu_paged  # noqa: E402
-from gpu_cases_hdim512 import CALLS, DESIGNS  # noqa: E402
+from gpu_cases_hdim512 import CALLS, DESIGNS, design_tiles  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not test_gpu_forward._has_sm90(),
@@ -28,20 +28,10 @@ def _case_id(c):
 
 
 @pytest.fixture(params=DESIGNS)
-def design(request, monkeypatch):
+def design(request):
     """Makes dispatch pick `request.param` for head dim 512."""
-    from jax_fa4 import dispatch
-    from jax_fa4.kernels import config
-
-    heuristic = config.sm90_forward_tile
-
-    def tile(*args, **kwargs):
-        t = heuristic(*args, **kwargs)
-        return t if t.design == "fa4" else config.hdim512_tile(request.param)
-
-    monkeypatch.setattr(config, "sm90_forward_tile", tile)
-    monkeypatch.setattr(dispatch, "sm90_forward_tile", tile)
-    return request.param
+    with design_tiles(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("case", CALLS, ids=[_case_id(c) for c in CALLS])
