@@ -13,7 +13,7 @@ import jax
 
 from .kernels.backward_config import MAX_HEAD_DIM as BWD_MAX_HEAD_DIM
 from .kernels.backward_config import BackwardVariant
-from .kernels.config import ForwardVariant, sm90_forward_tile
+from .kernels.config import ForwardVariant, cp_async_tile, sm90_forward_tile
 from .kernels.split import DESIGNS as SPLIT_DESIGNS
 from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
 from .kernels.split import choose_num_splits, decode_variant, split_variant
@@ -252,6 +252,8 @@ def plan_varlen(c: VarlenCall) -> KernelPlan:
         elif c.head_dim % 16 or c.head_dim_v % 16:
             raise Unsupported("paged KV with page_size != tile_n uses FA4's cp.async path, "
                               "which needs head dims that are multiples of 16")
+        else:
+            tile = cp_async_tile(tile, c.head_dim, c.head_dim_v)
     plan = _kernel_plan(c, c.window, cap=_WINDOW_CAP, q_layout=c.q_layout,
                         kv_layout=c.kv_layout, has_seqused_q=c.has_seqused_q,
                         has_seqused_k=c.has_seqused_k, paged_tma=paged_tma, tile=tile)

@@ -64,7 +64,8 @@ def _spec(x):
 def variants_from_calls(path: str, backward: bool = False) -> list:
     """Variants for the calls listed in `path`'s CALLS: dicts of a function's arguments,
     arrays given as (shape, dtype); 'fn' names the function ('attention' by default,
-    'varlen_attention', 'paged_attention'); `sinks=True` stands for float32 sinks.
+    'varlen_attention', 'paged_attention'); `sinks=True` stands for float32 sinks; keys
+    starting with '_' are ignored (a test's own data).
     backward: also the backward variants their gradients run."""
     import jax
     import numpy as np
@@ -78,7 +79,10 @@ def variants_from_calls(path: str, backward: bool = False) -> list:
     spec.loader.exec_module(mod)
     out = []
     for call in mod.CALLS:
-        call = {k: _spec(x) for k, x in call.items()}
+        # Keys starting with '_' are a test's own data; 'grad': False marks a call whose
+        # gradient is not taken (no backward kernel to build).
+        grad = call.get("grad", True)
+        call = {k: _spec(x) for k, x in call.items() if not k.startswith("_") and k != "grad"}
         fn = call.pop("fn", "attention")
         if call.get("sinks") is True:
             heads = (call.get("query") or call.get("q")).shape[-2]
@@ -89,7 +93,7 @@ def variants_from_calls(path: str, backward: bool = False) -> list:
         except Unsupported as e:
             print(f"  (falls back, nothing to build: {e})", file=sys.stderr)
             continue
-        if backward:
+        if backward and grad:
             try:
                 out.append(plan_backward(plan).variant)
             except Unsupported as e:

@@ -14,11 +14,12 @@ MASKS = {"none": {}, "causal": {"is_causal": True}, "window": {"local_window_siz
          "window2": {"local_window_size": (64, 32)}}
 
 
-def varlen_case(dtype, hd, kv_heads, group, mask, seqused=False, **kw):
+def varlen_case(dtype, hd, kv_heads, group, mask, seqused=False, hdv=None, **kw):
     n = kv_heads * group
     b = VARLEN_B
     c = dict(fn="varlen_attention", q=((VARLEN_TOTAL_Q, n, hd), dtype),
-             k=((VARLEN_TOTAL_K, kv_heads, hd), dtype), v=((VARLEN_TOTAL_K, kv_heads, hd), dtype),
+             k=((VARLEN_TOTAL_K, kv_heads, hd), dtype),
+             v=((VARLEN_TOTAL_K, kv_heads, hdv or hd), dtype),
              cu_seqlens_q=((b + 1,), "int32"), cu_seqlens_k=((b + 1,), "int32"),
              max_seqlen_q=400, max_seqlen_k=700, **MASKS[mask], **kw)
     if seqused:
@@ -26,13 +27,14 @@ def varlen_case(dtype, hd, kv_heads, group, mask, seqused=False, **kw):
     return c
 
 
-def paged_case(dtype, hd, kv_heads, group, mask, page_size, tq, packed_q=False, **kw):
+def paged_case(dtype, hd, kv_heads, group, mask, page_size, tq, packed_q=False, hdv=None,
+               **kw):
     n = kv_heads * group
     b = PAGED_B
     max_pages = -(-PAGED_MAX_TOKENS // page_size)
     pages = b * max_pages + 7
     c = dict(fn="paged_attention", k_cache=((pages, page_size, kv_heads, hd), dtype),
-             v_cache=((pages, page_size, kv_heads, hd), dtype),
+             v_cache=((pages, page_size, kv_heads, hdv or hd), dtype),
              page_table=((b, max_pages), "int32"), seqused_k=((b,), "int32"), **MASKS[mask], **kw)
     if packed_q:
         c.update(q=((b * tq, n, hd), dtype), cu_seqlens_q=((b + 1,), "int32"), max_seqlen_q=tq)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
 # (comma-separated: tests, bench, paged, decode, sweep, loop, gemma, hdim512, single_qk; default
-# tests,bench) with precompiled
-# kernels from .device/kernels.  Logs and JSON go to $OUT.
+# tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
+# unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
 set -u
 what=",${1:-tests,bench},"
 OUT=${OUT:-/tmp/jax_fa4_out}
@@ -16,15 +16,21 @@ if [ "$here" != "$PWD/jax_fa4" ]; then
   python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \
     || { tail -40 "$OUT/install.log"; exit 1; }
 fi
+if [ -f .device/kernels.tar.xz ] && [ ! -d .device/kernels ]; then
+  tar xJf .device/kernels.tar.xz -C .device || exit 1
+fi
 export JAX_FA4_CUTE_RUNTIME=$RT JAX_FA4_CACHE_DIR=$PWD/.device/kernels JAX_FA4_COMPILE=never
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 rc=0
 quiet() { grep --line-buffered -vE "^(WARNING|I0000|E0000|W0000)"; }
 if [[ $what == *,tests,* ]]; then
   # No GEMM autotuning for the tests: it costs seconds per new reference shape.
+  # Shards, one process each (tests/gpu_shards.py): a CUDA illegal address is reported
+  # with its case and the shard goes on in a new process.  GPU_TESTS: pytest selection
+  # (default: every gpu test); GPU_TEST_JOBS shards at a time.
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-  timeout ${TEST_TIMEOUT:-3000} python3 -u -m pytest -m gpu -q -rs --durations=10 ${PYTEST_ARGS:-} tests 2>&1 \
-    | tee "$OUT/gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed"
+  timeout ${TEST_TIMEOUT:-3000} python3 -u tests/gpu_shards.py --out "$OUT" ${GPU_TESTS:-tests} 2>&1 \
+    | tee "$OUT/gpu-tests.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,sweep,* ]]; then

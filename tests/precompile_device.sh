@@ -12,6 +12,12 @@ for calls in tests/gpu_cases.py tests/gpu_cases_paged.py tests/gpu_cases_split.p
   pc --calls "$calls"
 done
 pc --calls tests/gpu_cases_backward.py --backward
+# every reachable kernel class (tests/plan_space.py) and the seeded fuzz calls
+# (JAX_FA4_FUZZ_SEED: the same seed must reach the GPU run); both build the backward
+# kernels of the calls marked grad
+pc --calls tests/gpu_cases_coverage.py --backward
+pc --calls tests/gpu_cases_fuzz.py --backward
+[ -f tests/gpu_cases_memory_safety.py ] && pc --calls tests/gpu_cases_memory_safety.py
 pc --calls benchmarks/bench_backward.py --backward
 pc --dtype bfloat16 --head-dim 64,128,256 --group 1 --mask none,causal  # bench_forward
 # head dim 512: the non-default designs the GPU test and the benchmark launch directly

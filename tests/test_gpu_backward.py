@@ -48,9 +48,15 @@ def _check_grads(got, want, names):
 
 @pytest.mark.parametrize("case", DENSE, ids=[_case_id(c) for c in DENSE])
 def test_gradients_match_reference(case):
+    check_dense_gradients(case)
+
+
+def check_dense_gradients(case):
+    """jax.grad through attention (FA4 forward and backward kernels) vs the float32
+    reference's, for a gpu_cases_backward-style dense case."""
     rng = np.random.default_rng(hash(_case_id(case)) % 2**32)
     q, k, v = _arrays(rng, [case[n] for n in ("query", "key", "value")])
-    kw = {n: x for n, x in case.items() if n not in ("query", "key", "value", "sinks")}
+    kw = {n: x for n, x in case.items() if n not in ("query", "key", "value", "sinks", "grad")}
     sinks = jnp.asarray(rng.standard_normal(q.shape[2], np.float32)) if case.get("sinks") else None
     w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + (v.shape[3],), np.float32))
     w_lse = jnp.asarray(rng.standard_normal(q.shape[:3], np.float32))
@@ -74,7 +80,7 @@ def _varlen_inputs(case, rng):
     q, k, v = _arrays(rng, [case[n] for n in ("q", "k", "v")])
     kw = {n: x for n, x in case.items()
           if n not in ("fn", "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "lens", "sinks",
-                       "seqused_q", "seqused_k")}
+                       "seqused_q", "seqused_k", "grad")}
     if "seqused_q" in case:
         kw["seqused_q"] = kw["seqused_k"] = jnp.asarray(lens, jnp.int32)
     sinks = jnp.asarray(rng.standard_normal(q.shape[1], np.float32)) if case.get("sinks") else None
@@ -83,6 +89,11 @@ def _varlen_inputs(case, rng):
 
 @pytest.mark.parametrize("case", VARLEN, ids=[f"varlen-{i}" for i in range(len(VARLEN))])
 def test_varlen_gradients_match_reference(case):
+    check_varlen_gradients(case)
+
+
+def check_varlen_gradients(case):
+    """The same for a gpu_cases_backward.varlen_call case (equal q/k lengths `lens`)."""
     rng = np.random.default_rng(7)
     lens, cu, (q, k, v), kw, sinks = _varlen_inputs(case, rng)
     w_o = jnp.asarray(rng.standard_normal(q.shape[:2] + (v.shape[2],), np.float32))

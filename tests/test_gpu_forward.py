@@ -79,7 +79,7 @@ def _inputs(case, seed):
 
 def _window(kw):
     w = kw.get("local_window_size")
-    left, right = (None, None) if w is None else w
+    left, right = (None, None) if w is None else (None if x == -1 else x for x in w)
     if kw.get("is_causal"):
         right = 0 if right is None else min(right, 0)
     return left, right

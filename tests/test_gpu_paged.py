@@ -62,7 +62,7 @@ def _f64(x):
 
 def _kwargs(case):
     return {k: v for k, v in case.items()
-            if k in ("is_causal", "local_window_size", "logits_soft_cap")}
+            if k in ("is_causal", "local_window_size", "logits_soft_cap", "num_splits")}
 
 
 def _random(rng, shape, dtype):

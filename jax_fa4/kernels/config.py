@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import pathlib
 
 # FA4 and the CuTe DSL are pinned: our launchers depend on their internals, and
@@ -103,6 +104,33 @@ def sm90_forward_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool)
     return TileConfig(128, 64 if local else 80, True, True)
 
 
+# FA4's cp.async page loader (flash_attn/cute/paged_kv.py, PagedKVManager) copies K/V
+# rows with the 128 threads of the producer warpgroup, 16 bytes each: a row of the
+# (16-padded) head dims is split over gcd(hdim, hdim_v, 64) / 8 threads, so one pass
+# covers 128 / that rows.  Its load predicate checks the sequence length but never
+# `row < tile_n`: when tile_n is not a multiple of the rows per pass, the last pass
+# writes past the K/V tile in shared memory (into sP/sV, or past the allocation when
+# sK is the last buffer).  That was the head-dim-96 wrong output (tile_n 144) and the
+# head-dim-160/224 illegal address (tile_n 112/80); see docs/DESIGN.md.
+CP_ASYNC_THREADS = 128
+
+
+def cp_async_rows_per_pass(head_dim: int, head_dim_v: int) -> int:
+    """Rows of a K/V tile one pass of FA4's cp.async page loader covers (16-bit dtypes)."""
+    pad = lambda d: -(-d // 16) * 16  # noqa: E731  (FA4's tile_hdim rounding)
+    threads_per_row = math.gcd(pad(head_dim), pad(head_dim_v), 64) // 8
+    return CP_ASYNC_THREADS // threads_per_row
+
+
+def cp_async_tile(tile: TileConfig, head_dim: int, head_dim_v: int) -> TileConfig:
+    """`tile` with tile_n rounded down to a whole number of cp.async loader passes (see
+    cp_async_rows_per_pass), so paged K/V loads stay inside the tile."""
+    rows = cp_async_rows_per_pass(head_dim, head_dim_v)
+    if tile.tile_n % rows == 0:
+        return tile
+    return dataclasses.replace(tile, tile_n=max(rows, tile.tile_n // rows * rows))
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardVariant:
     """One compiled SM90 forward kernel.
@@ -152,6 +180,13 @@ class ForwardVariant:
                 self.head_dim, self.head_dim_v, self.mask == "causal", self.mask == "local"
             )
             object.__setattr__(self, "tile", tile)
+        if self.kv_layout == "paged" and not self.paged_tma:
+            rows = cp_async_rows_per_pass(self.head_dim, self.head_dim_v)
+            if self.tile.tile_n % rows:
+                raise ValueError(
+                    f"paged K/V by cp.async needs tile_n a multiple of {rows} (the loader's "
+                    f"rows per pass at head dims {self.head_dim}/{self.head_dim_v}), got "
+                    f"{self.tile.tile_n}; use cp_async_tile")
 
     @property
     def pack_gqa(self) -> bool:

@@ -1,0 +1,69 @@
+"""Plan-space coverage (CPU): every kernel class the dispatcher can reach
+(tests/plan_space.py) has a case in the GPU matrix files, and the cp.async page loader
+is never given a tile it overruns (the cause of the head-dim-96/160/224 paged bugs)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import plan_space  # noqa: E402
+from jax_fa4.dispatch import VarlenCall, plan_varlen  # noqa: E402
+from jax_fa4.kernels.config import (ForwardVariant, TileConfig, cp_async_rows_per_pass,  # noqa: E402
+                                    cp_async_tile)
+
+
+@pytest.fixture(scope="module")
+def reach():
+    return plan_space.reachable()
+
+
+def test_every_reachable_class_has_a_gpu_case(reach):
+    covered = plan_space.matrix_classes()
+    missing = sorted(set(reach) - set(covered))
+    assert not missing, (
+        f"{len(missing)} reachable kernel classes have no GPU case; add cases "
+        "(`python tests/plan_space.py --emit` prints some) to tests/gpu_cases_coverage.py "
+        "or stop the dispatcher from reaching them:\n"
+        + "\n".join(f"  {c}  e.g. {reach[c]}" for c in missing[:20]))
+
+
+def test_space_is_walked(reach):
+    """The walk reaches every path, split kind and the head-dim-512 design."""
+    kinds = {c[1:4] for c in reach if c[0] == "structure"}
+    paths = {k[0] for k in kinds}
+    assert paths == {"dense", "packed", "paged_tma", "paged_cpasync"}
+    assert {k[2] for k in kinds} == {"unsplit", "split_fused", "split_jax_merge"}
+    assert any("split_k" in c[4] for c in reach if c[0] == "structure")
+    assert any(c[0] == "bwd_tile" for c in reach)
+
+
+def test_no_paged_cp_async_plan_overruns_its_tile(reach):
+    for cls in reach:
+        if cls[0] == "structure" and cls[1] == "paged_cpasync":
+            tile_n = int(cls[4].split("x")[1].split("r")[0].split("s")[0])
+            rows = int(cls[5][len("rows"):])
+            assert tile_n % rows == 0, cls
+
+
+@pytest.mark.parametrize("hd,tile_n,want", [(96, 144, 128), (160, 112, 96), (224, 80, 64),
+                                            (144, 112, 64), (128, 128, 128), (256, 80, 80)])
+def test_cp_async_tile_rounds_to_loader_passes(hd, tile_n, want):
+    t = cp_async_tile(TileConfig(128, tile_n, True, True), hd, hd)
+    assert t.tile_n == want and t.tile_n % cp_async_rows_per_pass(hd, hd) == 0
+
+
+def test_variant_refuses_a_tile_the_loader_overruns():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ForwardVariant("bfloat16", 224, 224, 1, kv_layout="paged", has_seqused_k=True,
+                       tile=TileConfig(128, 80, True, True))
+
+
+@pytest.mark.parametrize("hd,ps,mask,tile_n", [(96, 256, (None, None), 128),
+                                               (224, 8, (None, None), 64),
+                                               (160, 128, (None, 0), 96),
+                                               (96, 144, (None, None), 144)])  # TMA: 144 ok
+def test_issue_repros_plan_safe_tiles(hd, ps, mask, tile_n):
+    c = VarlenCall("bfloat16", "dense", "paged", 2, 16, 4, 2, hd, hd, ps * 50, mask,
+                   has_seqused_k=True, page_size=ps, max_pages=50, num_splits=1)
+    assert plan_varlen(c).variant.tile.tile_n == tile_n
