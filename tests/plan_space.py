@@ -190,7 +190,8 @@ def plan_call(call: dict):
     from jax_fa4 import api, varlen
     from jax_fa4.precompile import _spec
 
-    call = {k: _spec(x) for k, x in call.items() if k not in ("lens", "grad", "lengths")}
+    call = {k: _spec(x) for k, x in call.items()
+            if k not in ("lens", "grad") and not k.startswith("_")}
     fn = call.pop("fn", "attention")
     if call.get("sinks") is True:
         heads = (call.get("query") or call.get("q")).shape[-2]

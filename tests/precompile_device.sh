@@ -17,7 +17,10 @@ pc --calls tests/gpu_cases_backward.py --backward
 # kernels of the calls marked grad
 pc --calls tests/gpu_cases_coverage.py --backward
 pc --calls tests/gpu_cases_fuzz.py --backward
+pc --calls tests/gpu_cases_memcheck.py  # compute-sanitizer cases
 [ -f tests/gpu_cases_memory_safety.py ] && pc --calls tests/gpu_cases_memory_safety.py
+# the paged repros with the tiles planned before the cp.async fix (diagnostic)
+python tests/diag_cp_async_overrun.py --precompile "$dir"
 pc --calls benchmarks/bench_backward.py --backward
 pc --dtype bfloat16 --head-dim 64,128,256 --group 1 --mask none,causal  # bench_forward
 # head dim 512: the non-default designs the GPU test and the benchmark launch directly
