@@ -129,6 +129,15 @@ def _lengths_mask(len_q, len_k, tq: int, tk: int, window):
     return vis[:, None]
 
 
+def only_used_keys(x, len_k):
+    """(B, S, K, H) gathered keys or values -> rows at positions >= len_k[b] zeroed.
+    Rows no sequence may see (freed pages, padding, rows past seqused_k) can hold
+    anything, NaN included; masking their logits to -inf is not enough, since the
+    softmax weight 0 times a NaN value is NaN."""
+    keep = jnp.arange(x.shape[1])[None, :] < len_k[:, None]
+    return jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype))
+
+
 def gather_rows(x, starts, width: int):
     """Packed (total, ...) -> (B, width, ...) rows starts[b] + i (clamped; masked later)."""
     idx = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, x.shape[0] - 1)
@@ -145,8 +154,11 @@ def packed_rows(cu_q, len_q, total: int):
 
 def _unpack_rows(od, lse_d, cu_q, len_q, total: int):
     """(B, T, N, Hv), (B, N, T) -> packed (total, N, Hv), (N, total); rows outside every
-    sequence's used length get zeros and lse -inf."""
+    sequence's used length get zeros and lse -inf, and so do rows at positions >= T
+    (a sequence longer than max_seqlen_q is truncated, never given another row's
+    result)."""
     b, t, valid = packed_rows(cu_q, len_q, total)
+    valid &= t < od.shape[1]
     t = jnp.clip(t, 0, od.shape[1] - 1)
     o = jnp.where(valid[:, None, None], od[b, t], 0).astype(od.dtype)
     lse = jnp.where(valid[None, :], lse_d[b, :, t].T, -jnp.inf)
@@ -156,11 +168,14 @@ def _unpack_rows(od, lse_d, cu_q, len_q, total: int):
 def varlen_fallback(q, k, v, cu_q, cu_k, seqused_q, seqused_k, sinks, *, max_seqlen_q,
                     max_seqlen_k, scale, window, softcap):
     """Packed varlen attention in pure JAX: unpack to (B, max_seqlen, ...), attend with
-    per-sequence masks, repack.  Returns (out (total_q, N, Hv), lse (N, total_q))."""
+    per-sequence masks, repack.  Returns (out (total_q, N, Hv), lse (N, total_q)).
+    A sequence longer than the static bounds is truncated: its query rows from
+    max_seqlen_q on get zeros and lse -inf, its keys from max_seqlen_k on are not seen
+    (the kernel computes them all; max_seqlen_* should bound every length)."""
     len_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q
     len_k = cu_k[1:] - cu_k[:-1] if seqused_k is None else seqused_k
     qd = gather_rows(q, cu_q[:-1], max_seqlen_q)
-    kd, vd = (gather_rows(x, cu_k[:-1], max_seqlen_k) for x in (k, v))
+    kd, vd = (only_used_keys(gather_rows(x, cu_k[:-1], max_seqlen_k), len_k) for x in (k, v))
     mask = _lengths_mask(len_q, len_k, max_seqlen_q, max_seqlen_k, window)
     od, lse_d = reference_attention(qd, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
     return _unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])
@@ -168,7 +183,7 @@ def varlen_fallback(q, k, v, cu_q, cu_k, seqused_q, seqused_k, sinks, *, max_seq
 
 def gather_pages(cache, page_table):
     """(pages, page_size, K, H) cache, (B, max_pages) table -> (B, max_pages*page_size, K, H).
-    Out-of-range page indices are clamped (as jnp indexing does)."""
+    Page indices must be in range (guard.py clips them before this runs)."""
     b, mp = page_table.shape
     x = cache[page_table]
     return x.reshape(b, mp * cache.shape[1], *cache.shape[2:])
@@ -178,8 +193,9 @@ def paged_fallback(q, k_cache, v_cache, page_table, seqused_k, cu_q, seqused_q, 
                    max_seqlen_q, scale, window, softcap):
     """Paged attention in pure JAX: gather each sequence's pages, then attend.
     q dense (B, T, N, H) -> (out, lse (B, N, T)); q packed (with cu_q) -> (out packed,
-    lse (N, total_q))."""
-    kd, vd = gather_pages(k_cache, page_table), gather_pages(v_cache, page_table)
+    lse (N, total_q)); packed query rows from max_seqlen_q on are truncated as in
+    `varlen_fallback`."""
+    kd, vd = (only_used_keys(gather_pages(c, page_table), seqused_k) for c in (k_cache, v_cache))
     if cu_q is None:
         b, t = q.shape[:2]
         len_q = jnp.full((b,), t, jnp.int32) if seqused_q is None else seqused_q

@@ -9,9 +9,10 @@ from .api import _as_array
 def update_paged_cache(k_cache, v_cache, k_new, v_new, page_table, positions):
     """Writes k_new/v_new (B, T, K, H) at token positions `positions` (int32 (B, T)) of
     each sequence: token p of sequence b goes to page page_table[b, p // page_size],
-    slot p % page_size.  Negative positions (padding) and positions past the page
-    table are dropped.  Returns the new (k_cache, v_cache); donate the caches to
-    `jax.jit` (donate_argnums) and XLA updates them in place.  Positions must not
+    slot p % page_size.  Negative positions (padding), positions past the page
+    table and positions whose page index is outside [0, num_pages) are dropped.
+    Returns the new (k_cache, v_cache); donate the caches to `jax.jit`
+    (donate_argnums) and XLA updates them in place.  Positions must not
     repeat within a call (the scatter assumes unique indices).
     """
     kc, vc, kn, vn = (_as_array(x, n) for x, n in ((k_cache, "k_cache"), (v_cache, "v_cache"),

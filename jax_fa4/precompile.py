@@ -79,10 +79,11 @@ def variants_from_calls(path: str, backward: bool = False) -> list:
     spec.loader.exec_module(mod)
     out = []
     for call in mod.CALLS:
-        # Keys starting with '_' are a test's own data; 'grad': False marks a call whose
-        # gradient is not taken (no backward kernel to build).
+        # Keys starting with '_' (and 'lens') are a test's own data; 'grad': False marks
+        # a call whose gradient is not taken (no backward kernel to build).
         grad = call.get("grad", True)
-        call = {k: _spec(x) for k, x in call.items() if not k.startswith("_") and k != "grad"}
+        call = {k: _spec(x) for k, x in call.items()
+                if not k.startswith("_") and k not in ("grad", "lens")}
         fn = call.pop("fn", "attention")
         if call.get("sinks") is True:
             heads = (call.get("query") or call.get("q")).shape[-2]

@@ -7,6 +7,10 @@ rows of each sequence are used; causal masks and windows are bottom-right aligne
 sequence (query i of a sequence with Tq queries and Tk keys sees keys up to
 Tk - Tq + i, shifted by the window).  Lengths are traced int32 arrays; `max_seqlen_*`
 are static Python ints (they size the fallback's padded buffers).
+
+Bad metadata never reads out of bounds: `guard.clamped_operands` clamps page indices,
+lengths and offsets on the device before the kernel and the fallback see them
+(docs/PAGED.md, "Bad input: what each gets").
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 
-from . import fallback
+from . import fallback, guard
 from .api import _as_array, _scalar, _sinks, _window, backward_reason
 from .autodiff import fa4_call
 from .dispatch import Unsupported, VarlenCall, plan_varlen, platform_reason
@@ -70,7 +74,9 @@ def _common(q, k, v, scale, logits_soft_cap, sinks, implementation, is_causal,
 
 def _run(kind, call: VarlenCall, args: dict, scale, window, softcap, max_seqlen_q,
          max_seqlen_k, implementation):
-    """(out, lse as the kernel lays it out) by the kernel or the fallback."""
+    """(out, lse as the kernel lays it out) by the kernel or the fallback, both from
+    the same operands with their metadata clamped in bounds (guard.py)."""
+    args = guard.clamped_operands(kind, args)
     try:
         plan = plan_varlen(call)
     except Unsupported as e:
@@ -100,7 +106,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
 
     q (total_q, N, H), k (total_k, K, H), v (total_k, K, Hv); sequence b owns rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q (of which the first seqused_q[b] are used,
-    if given), likewise for keys.  max_seqlen_q/k bound every sequence's length.
+    if given), likewise for keys.  max_seqlen_q/k must bound every sequence's length:
+    the kernel computes every row regardless, but the pure-JAX path pads to them and
+    truncates a longer sequence (its query rows from max_seqlen_q on come back zero
+    with lse -inf; keys from max_seqlen_k on are not seen).  Bad offsets never read
+    out of bounds: cu_seqlens are made non-decreasing and clipped to the rows, seqused
+    to its sequence's rows (docs/PAGED.md, "Bad input: what each gets").
     Returns out (total_q, N, Hv) (rows outside every used range are zero) and, with
     return_residual, lse float32 (total_q, N).  implementation: None, 'fa4' or 'xla'
     (jax_fa4's pure-JAX path).  num_splits: split-KV slices (see paged_attention); packed
@@ -160,9 +171,18 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
     prefill), or packed (total_q, N, H) with cu_seqlens_q (B+1,) and max_seqlen_q.
     Causal is bottom-right aligned: query i of Tq sees keys up to seqused_k - Tq + i.
 
-    Page indices of the used pages must lie in [0, num_pages): the kernel reads
-    whatever they point to (out-of-range indices read out of bounds).  With
-    check_page_indices=True the call first checks them on the host and raises.
+    Page indices of the used pages should lie in [0, num_pages) and seqused_k in
+    [0, max_pages * page_size].  Nothing reads out of bounds when they do not: inside
+    the call, on the device, page indices are clipped to [0, num_pages) and seqused_k
+    to [0, max_pages * page_size] (packed q: cu_seqlens_q made non-decreasing and
+    clipped to the rows), and both the kernel and the pure-JAX path attend over the
+    clipped values (docs/PAGED.md, "Bad input: what each gets").
+    check_page_indices=True rejects such arguments instead: with a concrete page_table
+    and seqused_k (numpy arrays or jax Arrays, outside jit) the call checks them on
+    the host and raises ValueError naming the row; with traced ones (under jit) an
+    io_callback checks them when the program runs, before the kernel, and the
+    ValueError surfaces as a jax runtime error (jax.errors.JaxRuntimeError) whose
+    message contains the ValueError's text.
     Returns out like q with Hv, and with return_residual lse float32 (B, Tq, N) or
     (total_q, N).
 
@@ -178,9 +198,12 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
                                      max_seqlen_q, scale, is_causal, local_window_size,
                                      logits_soft_cap, sinks, implementation, num_splits)
     if check_page_indices:
-        args["page_table"] = _checked_page_table(
-            args["page_table"], args["seqused_k"], num_pages=args["k"].shape[0],
-            page_size=args["k"].shape[1])
+        pt, used = args["page_table"], args["seqused_k"]
+        geometry = dict(num_pages=args["k"].shape[0], page_size=args["k"].shape[1])
+        if isinstance(pt, jax.core.Tracer) or isinstance(used, jax.core.Tracer):
+            args["page_table"] = _checked_page_table(pt, used, **geometry)
+        else:  # concrete: check now, raise ValueError here
+            _check_pages(np.asarray(pt), np.asarray(used), **geometry)
     o, lse = _run("paged", call, args, *rest, implementation)
     if not return_residual:
         return o
@@ -265,25 +288,29 @@ def explain_call(fn: str, *, platform=None, backward=False, **kwargs):
     return platform_reason(platform)
 
 
-def _checked_page_table(page_table, seqused_k, *, num_pages, page_size):
-    """The page table, after a host-side check of every page the sequences use; a bad
-    index raises (at run time, before the kernel reads anything)."""
-    max_pages = page_table.shape[1]
+def _check_pages(pt: np.ndarray, used: np.ndarray, *, num_pages: int, page_size: int):
+    """Host check of a page table and lengths: ValueError naming the first bad row."""
+    max_pages = pt.shape[1]
+    if (used < 0).any() or (used > max_pages * page_size).any():
+        raise ValueError(f"seqused_k {used.tolist()} is negative or exceeds the page table's "
+                         f"capacity ({max_pages} pages of {page_size})")
+    n_used = -(-used // page_size)
+    for b in range(pt.shape[0]):
+        pages = pt[b, : n_used[b]]
+        if ((pages < 0) | (pages >= num_pages)).any():
+            raise ValueError(f"page_table[{b}] uses pages {pages.tolist()} outside "
+                             f"[0, {num_pages})")
 
+
+def _checked_page_table(page_table, seqused_k, *, num_pages, page_size):
+    """The (traced) page table, after a host-side check of every page the sequences use
+    when the program runs; a bad index raises there, before the kernel reads anything
+    (as a jax runtime error carrying the ValueError's message)."""
     def check(pt, used):
-        pt, used = np.asarray(pt), np.asarray(used)
-        if (used < 0).any() or (used > max_pages * page_size).any():
-            raise ValueError(f"seqused_k {used.tolist()} exceeds the page table's capacity "
-                             f"({max_pages} pages of {page_size})")
-        n_used = -(-used // page_size)
-        for b in range(pt.shape[0]):
-            pages = pt[b, : n_used[b]]
-            if ((pages < 0) | (pages >= num_pages)).any():
-                raise ValueError(f"page_table[{b}] uses pages {pages.tolist()} outside "
-                                 f"[0, {num_pages})")
+        pt = np.asarray(pt)
+        _check_pages(pt, np.asarray(used), num_pages=num_pages, page_size=page_size)
         return pt
 
     return jax.experimental.io_callback(
         check, jax.ShapeDtypeStruct(page_table.shape, page_table.dtype), page_table, seqused_k,
         ordered=False)
-

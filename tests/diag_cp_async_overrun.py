@@ -4,7 +4,7 @@ the issue "Correct or refused" crash or go wrong, by running its repros
 112 / 80, not a whole number of the cp.async loader's row passes) and with today's.
 
     python tests/diag_cp_async_overrun.py --precompile DIR   # here: build the old tiles
-    python tests/diag_cp_async_overrun.py                    # GPU: one process per call
+    python tests/diag_cp_async_overrun.py [--only 0,1,2]     # GPU: one process per call
 
 Each repro runs in its own process (an illegal address ends the process's CUDA context)
 and prints ok / WRONG / CRASH for the old and the new tiles.
@@ -64,7 +64,10 @@ def main(argv):
         return run_one(int(argv[1]), argv[2] == "old")
     import gpu_cases_fuzz
 
+    only = argv[1].split(",") if argv[:1] == ["--only"] else None
     for i in range(len(gpu_cases_fuzz.REPROS)):
+        if only is not None and str(i) not in only:
+            continue
         for which in ("old", "new"):
             p = subprocess.run([sys.executable, __file__, "--one", str(i), which],
                                capture_output=True, text=True, timeout=300)

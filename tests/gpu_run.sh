@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, bench, paged, decode, sweep, loop, gemma, hdim512, single_qk; default
+# (comma-separated: tests, diag, memcheck, guard, bench, paged, decode, sweep, loop, gemma,
+# hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
 # unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
 set -u
@@ -16,8 +17,8 @@ if [ "$here" != "$PWD/jax_fa4" ]; then
   python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \
     || { tail -40 "$OUT/install.log"; exit 1; }
 fi
-if [ -f .device/kernels.tar.xz ] && [ ! -d .device/kernels ]; then
-  tar xJf .device/kernels.tar.xz -C .device || exit 1
+if [ -f .device/kernels.tar.xz ]; then  # fresh each call: a warm machine may hold an older set
+  rm -rf .device/kernels && tar xJf .device/kernels.tar.xz -C .device || exit 1
 fi
 export JAX_FA4_CUTE_RUNTIME=$RT JAX_FA4_CACHE_DIR=$PWD/.device/kernels JAX_FA4_COMPILE=never
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
@@ -31,6 +32,25 @@ if [[ $what == *,tests,* ]]; then
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
   timeout ${TEST_TIMEOUT:-3000} python3 -u tests/gpu_shards.py --out "$OUT" ${GPU_TESTS:-tests} 2>&1 \
     | tee "$OUT/gpu-tests.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,diag,* ]]; then
+  # The paged repros with the pre-fix tiles and today's (docs/DESIGN.md)
+  timeout ${DIAG_TIMEOUT:-300} python3 -u tests/diag_cp_async_overrun.py ${DIAG_ARGS:-} 2>&1 \
+    | tee "$OUT/diag.log" | grep --line-buffered "^repro"
+fi
+if [[ $what == *,memcheck,* ]]; then
+  # compute-sanitizer over paged/split cases on both page paths; the platform allocator
+  # gives each buffer its own allocation, so memcheck sees every operand's bounds.
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+    timeout ${MEMCHECK_TIMEOUT:-900} compute-sanitizer --tool memcheck --print-limit 50 \
+    --error-exitcode 9 python3 -u tests/gpu_cases_memcheck.py 2>&1 | tee "$OUT/memcheck.log" \
+    | grep --line-buffered -E "^(ok|WRONG|memcheck|=========)" | tail -60
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,guard,* ]]; then
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_guard_cost.py \
+    --out "$OUT/guard.json" 2>&1 | tee "$OUT/guard.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,sweep,* ]]; then

@@ -8,7 +8,8 @@ pc() { python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs" "$@"; }
 for calls in tests/gpu_cases.py tests/gpu_cases_paged.py tests/gpu_cases_split.py \
              tests/gpu_cases_multi.py tests/gpu_cases_hdim512.py \
              benchmarks/bench_paged.py benchmarks/bench_decode.py \
-             benchmarks/bench_decode_loop.py examples/gemma/kernel_calls.py; do
+             benchmarks/bench_decode_loop.py benchmarks/bench_guard_cost.py \
+             examples/gemma/kernel_calls.py; do
   pc --calls "$calls"
 done
 pc --calls tests/gpu_cases_backward.py --backward
@@ -18,7 +19,7 @@ pc --calls tests/gpu_cases_backward.py --backward
 pc --calls tests/gpu_cases_coverage.py --backward
 pc --calls tests/gpu_cases_fuzz.py --backward
 pc --calls tests/gpu_cases_memcheck.py  # compute-sanitizer cases
-[ -f tests/gpu_cases_memory_safety.py ] && pc --calls tests/gpu_cases_memory_safety.py
+pc --calls tests/gpu_cases_memory_safety.py  # out-of-range metadata (guard.py)
 # the issue's paged repros with the tiles planned before the cp.async fix (diagnostic)
 python tests/diag_cp_async_overrun.py --precompile "$dir"
 pc --calls benchmarks/bench_backward.py --backward
@@ -28,3 +29,6 @@ python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as 
 g.precompile_designs('$dir')"
 BENCH_HDIM512_DESIGNS=${BENCH_HDIM512_DESIGNS:-split_k,split_pv,single_qk} \
   JAX_FA4_CACHE_DIR="$dir" python benchmarks/bench_hdim512.py --precompile
+# The device takes 64 MiB per call: carry the objects as one xz archive (~10x smaller;
+# tests/gpu_run.sh unpacks it) instead of the directory.
+tar cf - -C "$(dirname "$dir")" "$(basename "$dir")" | xz -T2 -6 >"$dir.tar.xz"
