@@ -80,8 +80,10 @@ def _shards(ids: list[str], size: int) -> list[list[str]]:
     return [tests[k:k + size] for tests in by_file.values() for k in range(0, len(tests), size)]
 
 
-def _run_shard(index: int, tests: list[str], mem_fraction: float) -> dict:
-    """Runs `tests` in as many processes as crashes need; returns outcomes."""
+def _run_shard(index: int, tests: list[str], mem_fraction: float, deadline: float) -> dict:
+    """Runs `tests` in as many processes as crashes need, until `deadline` (time.time());
+    returns outcomes (tests not reached: NOT_RUN; the one running at the deadline:
+    TIMEOUT)."""
     outcomes, todo, rounds = {}, list(tests), 0
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{mem_fraction:.2f}",
                PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -92,10 +94,18 @@ def _run_shard(index: int, tests: list[str], mem_fraction: float) -> dict:
         os.close(fd)
         env["JAX_FA4_SHARD_LOG"] = log
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gpu_shards",
-                               "-p", "no:cacheprovider", "-m", "gpu", *todo],
-                              capture_output=True, text=True, env=env,
-                              cwd=os.path.dirname(HERE))
+        if t0 >= deadline:
+            outcomes.update({t: "NOT_RUN" for t in todo})
+            break
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gpu_shards",
+                                   "-p", "no:cacheprovider", "-m", "gpu", *todo],
+                                  capture_output=True, text=True, env=env,
+                                  cwd=os.path.dirname(HERE), timeout=deadline - t0)
+        except subprocess.TimeoutExpired as e:
+            proc = subprocess.CompletedProcess(e.cmd, "timeout", e.stdout or "", e.stderr or "")
+            proc.stdout = proc.stdout if isinstance(proc.stdout, str) else proc.stdout.decode()
+            proc.stderr = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode()
         lines = open(log).read().splitlines()
         os.unlink(log)
         transcript += [f"[shard {index}.{rounds} rc={proc.returncode} {time.time() - t0:.0f}s]"]
@@ -109,8 +119,8 @@ def _run_shard(index: int, tests: list[str], mem_fraction: float) -> dict:
                 outcomes[nodeid] = kind
                 started = None if kind != "CRASHED" else started
         if started is not None and started not in outcomes:  # died without a report
-            outcomes[started] = "CRASHED"
-            transcript.append(f"CRASHED {started} (process died, rc={proc.returncode})")
+            outcomes[started] = "TIMEOUT" if proc.returncode == "timeout" else "CRASHED"
+            transcript.append(f"{outcomes[started]} {started} (rc={proc.returncode})")
         rest = [t for t in todo if t not in outcomes]
         if rest and len(rest) == len(todo):  # nothing ran: give up on these
             transcript.append(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -127,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=int(os.environ.get("GPU_TEST_JOBS", 3)))
     p.add_argument("--shard-size", type=int, default=60)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/jax_fa4_out"))
+    p.add_argument("--deadline", type=float, default=float(os.environ.get(
+        "GPU_TEST_DEADLINE", 86400)), help="seconds; later tests are reported NOT_RUN")
     p.add_argument("selection", nargs="*", default=["tests"])
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -135,9 +147,10 @@ def main(argv=None) -> int:
     print(f"gpu_shards: {len(ids)} tests in {len(shards)} shards, {args.jobs} at a time",
           flush=True)
     t0, results = time.time(), {}
+    deadline = t0 + args.deadline
     frac = min(0.9 / max(1, args.jobs), 0.75)
     with cf.ThreadPoolExecutor(args.jobs) as pool:
-        futs = {pool.submit(_run_shard, i, s, frac): i for i, s in enumerate(shards)}
+        futs = {pool.submit(_run_shard, i, s, frac, deadline): i for i, s in enumerate(shards)}
         for fut in cf.as_completed(futs):
             r = fut.result()
             results[futs[fut]] = r
@@ -149,7 +162,8 @@ def main(argv=None) -> int:
         for i in sorted(results):
             f.write("\n".join(results[i]["transcript"]) + "\n")
     counts = collections.Counter(outcomes.values())
-    bad = {k: v for k, v in outcomes.items() if v in ("FAILED", "ERROR", "CRASHED", "NOT_RUN")}
+    bad = {k: v for k, v in outcomes.items()
+           if v in ("FAILED", "ERROR", "CRASHED", "NOT_RUN", "TIMEOUT")}
     summary = {"tests": len(ids), "counts": dict(counts), "bad": bad,
                "seconds": round(time.time() - t0)}
     with open(os.path.join(args.out, "gpu_summary.json"), "w") as f:

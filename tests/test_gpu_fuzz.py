@@ -8,8 +8,8 @@ the rows sequences use; rows that see no key are exactly zero; rows outside ever
 sequence are zero with lse -inf.  A third of the dense and varlen calls also compare
 jax.grad against a float32 reference's.  A call the API refuses must refuse at trace
 time with ValueError/NotImplementedError naming the argument.  With
-JAX_FA4_FUZZ_REPORT=path, a JSON summary (seed, counts per path, refusals, worst errors)
-is written there.
+JAX_FA4_FUZZ_REPORT=path, each process appends a JSON line (seed, counts per path,
+refusals, worst errors, failures) to that file.
 """
 import atexit
 import collections
@@ -40,9 +40,9 @@ _REPORT = {"seed": gpu_cases_fuzz.SEED, "n": len(CALLS), "paths": collections.Co
 
 def _write_report():
     path = os.environ.get("JAX_FA4_FUZZ_REPORT")
-    if path:
-        with open(path, "w") as f:
-            json.dump(_REPORT, f, indent=1, default=str)
+    if path and (_REPORT["paths"] or _REPORT["refused"]):  # one JSON line per process
+        with open(path, "a") as f:
+            f.write(json.dumps(_REPORT, default=str) + "\n")
 
 
 atexit.register(_write_report)
