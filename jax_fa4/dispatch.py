@@ -95,6 +95,13 @@ def _check_head_dims(head_dim: int, head_dim_v: int) -> None:
                           + " or ".join(f"{d}/{dv}" for d, dv in _WIDE_HEAD_DIMS) + ")")
     _check_head_dim("head_dim", head_dim)
     _check_head_dim("value head_dim", head_dim_v)
+    if head_dim_v > head_dim:
+        # FA4's SM90 epilogue stages the output tile (tile_m x hdim_v) in the Q tile's
+        # shared memory (tile_m x head_dim): a wider O spills into K/V, and with FA4's
+        # tiles the K/V/P buffers can exceed shared memory (seen on the GPU: head dims
+        # 88/192 failed to launch).  Not covered by GPU tests, so refused.
+        raise Unsupported(f"value head_dim {head_dim_v} above head_dim {head_dim} is not "
+                          "supported by the SM90 kernel (FA4 stages O in the Q tile)")
 
 
 def _check_common(dtype: str, head_dim: int, head_dim_v: int, heads_q: int, heads_k: int):

@@ -67,3 +67,26 @@ def test_issue_repros_plan_safe_tiles(hd, ps, mask, tile_n):
     c = VarlenCall("bfloat16", "dense", "paged", 2, 16, 4, 2, hd, hd, ps * 50, mask,
                    has_seqused_k=True, page_size=ps, max_pages=50, num_splits=1)
     assert plan_varlen(c).variant.tile.tile_n == tile_n
+
+
+def test_fa4_tiles_fit_shared_memory():
+    """Every reachable FA4-design plan's Q, K/V stages and P fit SM90's 227 KiB (FA4
+    stages O in the Q tile, so the value head dim never exceeds the key's)."""
+    pad = lambda d: -(-d // 16) * 16  # noqa: E731
+    from jax_fa4.dispatch import plan_dense, plan_varlen
+    from jax_fa4.dispatch import Unsupported as U
+    for planner, calls in ((plan_dense, plan_space._dense_calls()),
+                           (plan_varlen, plan_space._varlen_calls())):
+        for c in calls:
+            try:
+                v = planner(c).variant
+            except U:
+                continue
+            t = v.tile
+            if t.design != "fa4":
+                continue
+            assert v.head_dim_v <= v.head_dim, v.describe()
+            elems = (t.tile_m * pad(v.head_dim)
+                     + t.num_stages * t.tile_n * (pad(v.head_dim) + pad(v.head_dim_v))
+                     + (0 if t.mma_pv_is_rs else t.tile_m * t.tile_n))
+            assert 2 * elems <= 227 * 1024, v.describe()
