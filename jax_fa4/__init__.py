@@ -8,7 +8,8 @@ from . import export
 from .api import attention, explain, is_supported
 from .kernels import MissingKernelError
 from .paged_cache import update_paged_cache
-from .varlen import explain_call, paged_attention, varlen_attention
+from .paged import paged_attention
+from .varlen import explain_call, varlen_attention
 
 __version__ = "0.1.0"
 __all__ = [

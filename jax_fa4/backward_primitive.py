@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
-from . import fallback, fallback_backward
+from . import fallback, fallback_backward, sharding
 from .dispatch import BackwardPlan, Unsupported, plan_backward
 from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels.backward_abi import gradient_names, operands, size_dims, workspace_shapes
-from .primitive import FwdParams, _front, kernel_object
+from .primitive import FwdParams, kernel_object, mapped_axis_first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +71,10 @@ def _pure_jax(args, o, lse, do, dlse, fwd: FwdParams) -> dict:
     return {n: x for n, x in grads.items() if x is not None}
 
 
-@fa4_bwd_p.def_impl
 def _impl(*args, params):
     return jax.jit(functools.partial(fa4_bwd_p.bind, params=params))(*args)
 
 
-@fa4_bwd_p.def_abstract_eval
 def _abstract_eval(*args, params: BwdParams):
     a = dict(zip((n for n, _ in operands(params.plan.variant)), args))
     out = [jax.core.ShapedArray(a[n].shape, a[n].dtype) for n in ("q", "k", "v")]
@@ -121,9 +119,16 @@ def _lower_cuda(ctx, *args, params: BwdParams):
     return outs[:n_out]
 
 
-ensure_registered()
-mlir.register_lowering(fa4_bwd_p, _lower_fallback)
-mlir.register_lowering(fa4_bwd_p, _lower_cuda, platform="cuda")
+def _partitions_default(params: BwdParams) -> bool:
+    """Whether a multi-device lowering off CUDA goes through the partitioning rule:
+    for dense attention (the rule's layout), unless implementation='fa4' was forced."""
+    return params.fwd.kind == "dense" and not params.fwd.forced
+
+
+def _partitions_cuda(params: BwdParams) -> bool:
+    """Whether a multi-device CUDA lowering goes through the partitioning rule: for
+    dense attention, where _lower_cuda emits the custom call."""
+    return params.fwd.kind == "dense" and kernel_object(params.plan.variant)[1] is None
 
 
 def _batch(args, dims, *, params: BwdParams):
@@ -131,7 +136,7 @@ def _batch(args, dims, *, params: BwdParams):
     launch); the rest run one call per mapped element (d_sinks sums over the batch)."""
     v = params.plan.variant
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    front = [_front(a, d, size) for a, d in zip(args, dims)]
+    front = [mapped_axis_first(a, d, size) for a, d in zip(args, dims)]
     if v.layout == "dense" and not v.has_sinks:
         outs = fa4_bwd_p.bind(*(x.reshape((-1,) + x.shape[2:]) for x in front), params=params)
         return [x.reshape((size, -1) + x.shape[1:]) for x in outs], [0] * len(outs)
@@ -139,4 +144,16 @@ def _batch(args, dims, *, params: BwdParams):
     return list(outs), [0] * len(outs)
 
 
+# ----------------------------------------------------------------------------
+# Registration, in one place (as primitive.py does for the forward).
+# ----------------------------------------------------------------------------
+
+fa4_bwd_p.def_impl(_impl)
+fa4_bwd_p.def_abstract_eval(_abstract_eval)
 batching.primitive_batchers[fa4_bwd_p] = _batch
+ensure_registered()
+# Each lowering is registered once, wrapped by the multi-device partitioning rule.
+mlir.register_lowering(fa4_bwd_p, sharding.backward_lowering(
+    fa4_bwd_p, _lower_fallback, _partitions_default))
+mlir.register_lowering(fa4_bwd_p, sharding.backward_lowering(
+    fa4_bwd_p, _lower_cuda, _partitions_cuda), platform="cuda")

@@ -169,9 +169,9 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
     v = plan.variant
     if max(v.head_dim, v.head_dim_v) > SPLIT_MAX_HEAD_DIM or v.tile.design not in SPLIT_DESIGNS:
         if num_splits not in (None, 1):
-            raise ValueError(f"num_splits={num_splits}: split-KV supports head dims up to "
-                             f"{SPLIT_MAX_HEAD_DIM} and the {SPLIT_DESIGNS} kernel designs, "
-                             f"not {v.describe()}")
+            raise Unsupported(f"num_splits={num_splits}: split-KV supports head dims up to "
+                              f"{SPLIT_MAX_HEAD_DIM} and the {SPLIT_DESIGNS} kernel designs, "
+                              f"not {v.describe()}")
         return plan
     key_blocks = None
     if num_splits is None:
@@ -264,15 +264,78 @@ def plan_varlen(c: VarlenCall) -> KernelPlan:
     plan = _kernel_plan(c, c.window, cap=_WINDOW_CAP, q_layout=c.q_layout,
                         kv_layout=c.kv_layout, has_seqused_q=c.has_seqused_q,
                         has_seqused_k=c.has_seqused_k, paged_tma=paged_tma, tile=tile)
-    # Split-KV serves dense (B, Tq, N, H) queries against a paged cache.
+    # Split-KV serves dense (B, Tq, N, H) queries against a paged cache (validate.py
+    # accepts num_splits > 1 only there).
     if c.q_layout != "dense" or c.kv_layout != "paged":
-        if c.num_splits not in (None, 1):
-            raise ValueError(f"num_splits={c.num_splits}: split-KV needs dense queries "
-                             "(B, Tq, N, H) and a paged KV cache (paged_attention without "
-                             "cu_seqlens_q)")
         return plan
     return _with_splits(plan, c.batch, c.heads_k, c.total_q // c.batch,
                         c.max_pages * c.page_size, c.num_splits, c.page_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Which path a call takes (execute.py carries it out).
+
+    path: 'kernel' (the jax_fa4 primitive: FA4 on an SM90 GPU, its pure-JAX lowering on
+    other platforms), 'jax_nn' (jax.nn.dot_product_attention with `nn_implementation`),
+    'reference' (jax_fa4's pure-JAX attention) or 'error' (the call cannot run as asked:
+    `error` is the NotImplementedError's text).  reason: why not the kernel (None on it).
+    """
+
+    path: str
+    plan: KernelPlan | None = None
+    reason: str | None = None
+    nn_implementation: str | None = None
+    error: str | None = None
+
+
+def _forced_error(reason: str) -> Route:
+    return Route("error", reason=reason,
+                 error=f"jax_fa4: implementation='fa4' cannot run this call: {reason}")
+
+
+def route_dense(c: DenseCall, implementation: str | None = None, *,
+                return_residual: bool = False) -> Route:
+    """The route of an `attention` call: the kernel when it can run the call (and
+    `implementation` allows it); else jax.nn when it expresses the call (and the call
+    wants neither jax_fa4's float32 lse nor float16 on XLA's CPU dot nor a head dim past
+    the SM90 backward's, which only the chunked pure-JAX backward handles); else the
+    pure-JAX reference."""
+    reason = None
+    if implementation in (None, "fa4"):
+        try:
+            return Route("kernel", plan=plan_dense(c))
+        except Unsupported as e:
+            reason = str(e)
+        if implementation == "fa4":
+            return _forced_error(reason)
+    can_nn = c.softcap is None and not c.has_sinks and c.head_dim == c.head_dim_v
+    if implementation in ("cudnn", "xla"):
+        reason = f"implementation={implementation!r}"
+        if can_nn:
+            return Route("jax_nn", reason=reason, nn_implementation=implementation)
+        if implementation == "cudnn":
+            return Route("error", reason=reason, error=(
+                "implementation='cudnn' cannot apply logits_soft_cap, sinks or a value "
+                "head_dim different from the key's"))
+    if (can_nn and not return_residual and c.dtype != "float16"
+            and max(c.head_dim, c.head_dim_v) <= BWD_MAX_HEAD_DIM):
+        return Route("jax_nn", reason=reason)
+    return Route("reference", reason=reason)
+
+
+def route_varlen(c: VarlenCall, implementation: str | None = None) -> Route:
+    """The route of a `varlen_attention` / `paged_attention` call: the kernel, or the
+    pure-JAX reference ('xla', or a call the kernel cannot run)."""
+    try:
+        plan = plan_varlen(c)
+    except Unsupported as e:
+        if implementation == "fa4":
+            return _forced_error(str(e))
+        return Route("reference", reason=str(e))
+    if implementation == "xla":
+        return Route("reference", reason="implementation='xla'")
+    return Route("kernel", plan=plan)
 
 
 def platform_reason(platform: str | None) -> str | None:
@@ -331,9 +394,4 @@ def plan_backward(plan: KernelPlan) -> BackwardPlan:
             f"{BWD_MAX_HEAD_DIM})")
     if fv.qhead_per_kvhead > 1 and fv.head_dim != fv.head_dim_v:
         raise Unsupported("FA4's GQA backward needs head_dim == value head_dim")
-    variant = BackwardVariant(
-        dtype=fv.dtype, head_dim=fv.head_dim, head_dim_v=fv.head_dim_v,
-        qhead_per_kvhead=fv.qhead_per_kvhead, mask=fv.mask, window_left=fv.window_left,
-        window_right=fv.window_right, softcap=fv.softcap, has_sinks=fv.has_sinks,
-        layout=fv.q_layout, has_seqused_q=fv.has_seqused_q, has_seqused_k=fv.has_seqused_k)
-    return BackwardPlan(variant, plan.window_left, plan.window_right)
+    return BackwardPlan(BackwardVariant.for_forward(fv), plan.window_left, plan.window_right)

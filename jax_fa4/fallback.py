@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from .layout import (gather_pages, gather_rows, lengths_mask, only_used_keys, packed_rows,
+                     unpack_rows, window_visible)
 
 
 def visible_mask(t: int, s: int, window: tuple[int | None, int | None]) -> jax.Array:
     """(t, s) bool: query i sees key j iff i - left <= j <= i + right (top-left aligned,
     as `jax.nn.dot_product_attention`); None is unbounded."""
-    left, right = window
-    i = np.arange(t)[:, None]
-    j = np.arange(s)[None, :]
-    m = np.ones((t, s), bool)
-    if left is not None:
-        m &= j >= i - left
-    if right is not None:
-        m &= j <= i + right
-    return jnp.asarray(m)
+    return window_visible(jnp.arange(t)[:, None], jnp.arange(s)[None, :], window)
 
 
 def reference_attention(q, k, v, sinks=None, *, scale, window=(None, None), softcap=None,
@@ -113,58 +107,6 @@ def dense_fallback(q, k, v, sinks=None, *, scale, window, softcap, platform="cpu
     return o, lse
 
 
-def _lengths_mask(len_q, len_k, tq: int, tk: int, window):
-    """(B, 1, tq, tk) visibility for per-sequence lengths, windows bottom-right aligned
-    (FA's convention: query t of a sequence sits at key position len_k - len_q + t)."""
-    t = jnp.arange(tq)[None, :, None]
-    s = jnp.arange(tk)[None, None, :]
-    lq, lk = len_q[:, None, None], len_k[:, None, None]
-    vis = (t < lq) & (s < lk)
-    pos = t + lk - lq
-    left, right = window
-    if left is not None:
-        vis &= s >= pos - left
-    if right is not None:
-        vis &= s <= pos + right
-    return vis[:, None]
-
-
-def only_used_keys(x, len_k):
-    """(B, S, K, H) gathered keys or values -> rows at positions >= len_k[b] zeroed.
-    Rows no sequence may see (freed pages, padding, rows past seqused_k) can hold
-    anything, NaN included; masking their logits to -inf is not enough, since the
-    softmax weight 0 times a NaN value is NaN."""
-    keep = jnp.arange(x.shape[1])[None, :] < len_k[:, None]
-    return jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype))
-
-
-def gather_rows(x, starts, width: int):
-    """Packed (total, ...) -> (B, width, ...) rows starts[b] + i (clamped; masked later)."""
-    idx = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, x.shape[0] - 1)
-    return x[idx]
-
-
-def packed_rows(cu_q, len_q, total: int):
-    """For packed rows 0..total-1: (sequence index, position in it, used?)."""
-    r = jnp.arange(total)
-    b = jnp.clip(jnp.searchsorted(cu_q, r, side="right") - 1, 0, cu_q.shape[0] - 2)
-    t = r - cu_q[b]
-    return b, t, (t >= 0) & (t < len_q[b])
-
-
-def _unpack_rows(od, lse_d, cu_q, len_q, total: int):
-    """(B, T, N, Hv), (B, N, T) -> packed (total, N, Hv), (N, total); rows outside every
-    sequence's used length get zeros and lse -inf, and so do rows at positions >= T
-    (a sequence longer than max_seqlen_q is truncated, never given another row's
-    result)."""
-    b, t, valid = packed_rows(cu_q, len_q, total)
-    valid &= t < od.shape[1]
-    t = jnp.clip(t, 0, od.shape[1] - 1)
-    o = jnp.where(valid[:, None, None], od[b, t], 0).astype(od.dtype)
-    lse = jnp.where(valid[None, :], lse_d[b, :, t].T, -jnp.inf)
-    return o, lse
-
-
 def varlen_fallback(q, k, v, cu_q, cu_k, seqused_q, seqused_k, sinks, *, max_seqlen_q,
                     max_seqlen_k, scale, window, softcap):
     """Packed varlen attention in pure JAX: unpack to (B, max_seqlen, ...), attend with
@@ -176,17 +118,9 @@ def varlen_fallback(q, k, v, cu_q, cu_k, seqused_q, seqused_k, sinks, *, max_seq
     len_k = cu_k[1:] - cu_k[:-1] if seqused_k is None else seqused_k
     qd = gather_rows(q, cu_q[:-1], max_seqlen_q)
     kd, vd = (only_used_keys(gather_rows(x, cu_k[:-1], max_seqlen_k), len_k) for x in (k, v))
-    mask = _lengths_mask(len_q, len_k, max_seqlen_q, max_seqlen_k, window)
+    mask = lengths_mask(len_q, len_k, max_seqlen_q, max_seqlen_k, window)
     od, lse_d = reference_attention(qd, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
-    return _unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])
-
-
-def gather_pages(cache, page_table):
-    """(pages, page_size, K, H) cache, (B, max_pages) table -> (B, max_pages*page_size, K, H).
-    Page indices must be in range (guard.py clips them before this runs)."""
-    b, mp = page_table.shape
-    x = cache[page_table]
-    return x.reshape(b, mp * cache.shape[1], *cache.shape[2:])
+    return unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])
 
 
 def paged_fallback(q, k_cache, v_cache, page_table, seqused_k, cu_q, seqused_q, sinks, *,
@@ -199,7 +133,7 @@ def paged_fallback(q, k_cache, v_cache, page_table, seqused_k, cu_q, seqused_q, 
     if cu_q is None:
         b, t = q.shape[:2]
         len_q = jnp.full((b,), t, jnp.int32) if seqused_q is None else seqused_q
-        mask = _lengths_mask(len_q, seqused_k, t, kd.shape[1], window)
+        mask = lengths_mask(len_q, seqused_k, t, kd.shape[1], window)
         o, lse = reference_attention(q, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
         if seqused_q is not None:  # rows past a sequence's used length: zeros
             valid = jnp.arange(t)[None, :] < seqused_q[:, None]
@@ -208,9 +142,9 @@ def paged_fallback(q, k_cache, v_cache, page_table, seqused_k, cu_q, seqused_q, 
         return o, lse
     len_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q
     qd = gather_rows(q, cu_q[:-1], max_seqlen_q)
-    mask = _lengths_mask(len_q, seqused_k, max_seqlen_q, kd.shape[1], window)
+    mask = lengths_mask(len_q, seqused_k, max_seqlen_q, kd.shape[1], window)
     od, lse_d = reference_attention(qd, kd, vd, sinks, scale=scale, softcap=softcap, mask=mask)
-    return _unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])
+    return unpack_rows(od, lse_d, cu_q, len_q, q.shape[0])
 
 
 def run(kind: str, a: dict, *, scale, window, softcap, max_seqlen_q=None, max_seqlen_k=None,

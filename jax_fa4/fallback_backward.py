@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from . import fallback
+from .layout import gather_pages, gather_rows, only_used_keys, window_visible
 
 # Scores held per chunk step (elements, all heads): bounds the scan's working set.
 _CHUNK_ELEMENTS = 1 << 25
@@ -64,15 +65,10 @@ def dense_backward(q, k, v, o, do, lse, dlse, sinks=None, *, scale, softcap=None
     # A row that sees nothing (lse = -inf) has P = 0: exp(S - inf).
     lse_g = jnp.where(jnp.isneginf(lse_g) | ~row_ok, jnp.inf, lse_g)
     pos = tq + (lk - lq if bottom_right else 0)
-    left, right = window
 
     def visible(s0):
         sk = s0 + jnp.arange(c)[None, None, :]  # (1, 1, C)
-        vis = (tq < lq) & (sk < lk) & (sk < s)
-        if left is not None:
-            vis &= sk >= pos - left
-        if right is not None:
-            vis &= sk <= pos + right
+        vis = (tq < lq) & (sk < lk) & (sk < s) & window_visible(pos, sk, window)
         return vis[:, None, None]  # (B, 1, 1, T, C)
 
     kc = jnp.pad(k.astype(f), ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -123,8 +119,9 @@ def varlen_backward(a: dict, o, lse, do, dlse, *, scale, window, softcap, max_se
     cu_q, cu_k = a["cu_seqlens_q"], a["cu_seqlens_k"]
     len_q = a.get("seqused_q", cu_q[1:] - cu_q[:-1])
     len_k = a.get("seqused_k", cu_k[1:] - cu_k[:-1])
-    gq = lambda x: fallback.gather_rows(x, cu_q[:-1], max_seqlen_q)  # noqa: E731
-    gk = lambda x: fallback.gather_rows(x, cu_k[:-1], max_seqlen_k)  # noqa: E731
+    gq = lambda x: gather_rows(x, cu_q[:-1], max_seqlen_q)  # noqa: E731
+    # Keys past a sequence's length are zeroed (rows no sequence sees may hold NaN).
+    gk = lambda x: only_used_keys(gather_rows(x, cu_k[:-1], max_seqlen_k), len_k)  # noqa: E731
     gs = lambda x: jnp.moveaxis(gq(x.T), 2, 1)  # (N, total) -> (B, N, T)  # noqa: E731
     dq, dk, dv, dsinks = dense_backward(
         gq(a["q"]), gk(a["k"]), gk(a["v"]), gq(o), gq(do), gs(lse), gs(dlse), a.get("sinks"),
@@ -140,7 +137,7 @@ def paged_backward(a: dict, o, lse, do, dlse, *, scale, window, softcap, max_seq
     """Gradients for a paged call (pages gathered per sequence, then dense_backward).
     q dense (B, T, N, H) with lse (B, N, T), or packed with cu_seqlens_q."""
     pt, used_k = a["page_table"], a["seqused_k"]
-    gp = lambda cache: fallback.gather_pages(cache, pt)  # noqa: E731
+    gp = lambda cache: only_used_keys(gather_pages(cache, pt), used_k)  # noqa: E731
     kd, vd = gp(a["k"]), gp(a["v"])
     common = dict(scale=scale, softcap=softcap, len_k=used_k, window=window, bottom_right=True)
     if "cu_seqlens_q" not in a:
@@ -151,7 +148,7 @@ def paged_backward(a: dict, o, lse, do, dlse, *, scale, window, softcap, max_seq
     else:
         cu_q = a["cu_seqlens_q"]
         len_q = a.get("seqused_q", cu_q[1:] - cu_q[:-1])
-        gq = lambda x: fallback.gather_rows(x, cu_q[:-1], max_seqlen_q)  # noqa: E731
+        gq = lambda x: gather_rows(x, cu_q[:-1], max_seqlen_q)  # noqa: E731
         gs = lambda x: jnp.moveaxis(gq(x.T), 2, 1)  # noqa: E731
         dqd, dk, dv, dsinks = dense_backward(gq(a["q"]), kd, vd, gq(o), gq(do), gs(lse),
                                              gs(dlse), a.get("sinks"), len_q=len_q, **common)

@@ -5,7 +5,7 @@ for every t < seqused_k[b], and packed rows cu_seqlens[b] .. cu_seqlens[b] + len
 An out-of-range page index, a `seqused_k` past the page table's capacity or
 `cu_seqlens` past the rows would make it read out of bounds.  `clamped_operands`
 rewrites those operands, on the device inside the jitted call, into values that are
-always in bounds, and `varlen._run` applies it before both the kernel and the pure-JAX
+always in bounds, and `execute.varlen` applies it before both the kernel and the pure-JAX
 fallback, so both compute the same thing from the same (clamped) arguments:
 
 * paged: page_table -> clip(page_table, 0, num_pages - 1);

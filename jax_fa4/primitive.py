@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
-from . import fallback, split_kv
+from . import fallback, sharding, split_kv
 from .dispatch import KernelPlan, device_reason
 from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels import MissingKernelError, get_object
@@ -56,12 +56,10 @@ def fa4_forward(args: dict, params: FwdParams):
     return tuple(fa4_fwd_p.bind(*ordered, params=params))
 
 
-@fa4_fwd_p.def_impl
 def _impl(*args, params):
     return jax.jit(functools.partial(fa4_fwd_p.bind, params=params))(*args)
 
 
-@fa4_fwd_p.def_abstract_eval
 def _abstract_eval(q, k, v, *rest, params):
     out = jax.core.ShapedArray(q.shape[:-1] + (v.shape[-1],), q.dtype)
     if q.ndim == 4:
@@ -120,14 +118,19 @@ def _lower_cuda(ctx, *args, params: FwdParams):
                                       [plan.window_left, plan.window_right], [params.scale]))
 
 
-# Registered at import, not at lowering, so deserialized (jax.export) executables
-# find the handler too.  Registering the CUDA target also works on CPU-only jaxlib.
-ensure_registered()
-mlir.register_lowering(fa4_fwd_p, _lower_default)
-mlir.register_lowering(fa4_fwd_p, _lower_cuda, platform="cuda")
+def _partitions_default(params: FwdParams) -> bool:
+    """Whether a multi-device lowering off CUDA goes through the partitioning rule:
+    unless implementation='fa4' was forced, which _lower_default refuses as is."""
+    return not params.forced
 
 
-def _front(x, d, size):
+def _partitions_cuda(params: FwdParams) -> bool:
+    """Whether a multi-device CUDA lowering goes through the partitioning rule: where
+    _lower_cuda emits the custom call (else it falls back or raises as is)."""
+    return kernel_object(params.plan.kernel_variant)[1] is None
+
+
+def mapped_axis_first(x, d, size):
     """The mapped axis first; an unmapped operand is broadcast."""
     return jnp.broadcast_to(x, (size,) + x.shape) if d is None else jnp.moveaxis(x, d, 0)
 
@@ -143,7 +146,7 @@ def _batch_dense(args, dims, params: FwdParams):
     """Dense: fold the mapped axis into batch, or into heads when sinks are mapped
     (sinks are per head)."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    front = functools.partial(_front, size=size)
+    front = functools.partial(mapped_axis_first, size=size)
 
     q, k, v = (front(a, d) for a, d in zip(args[:3], dims[:3]))
     sinks = args[3] if len(args) > 3 else None
@@ -181,7 +184,8 @@ def _batch_varlen(args, dims, params: FwdParams):
     if "sinks" in names and dims[names.index("sinks")] is not None:
         raise NotImplementedError("jax_fa4: vmap over sinks of varlen/paged attention")
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    a = {n: _front(x, d, size) for n, x, d in zip(names, args, dims) if n != "sinks"}
+    a = {n: mapped_axis_first(x, d, size)
+         for n, x, d in zip(names, args, dims) if n != "sinks"}
     out = {"sinks": args[names.index("sinks")]} if "sinks" in names else {}
     fold = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
     new_v = {}
@@ -218,4 +222,21 @@ def _batch_varlen(args, dims, params: FwdParams):
     return (o, lse), (0, 0)
 
 
+# ----------------------------------------------------------------------------
+# Registration: everything JAX needs to know about the primitive, in one place (as
+# JAX's cuDNN attention does in jax/_src/cudnn/fused_attention_stablehlo.py).
+# ----------------------------------------------------------------------------
+
+fa4_fwd_p.def_impl(_impl)
+fa4_fwd_p.def_abstract_eval(_abstract_eval)
 batching.primitive_batchers[fa4_fwd_p] = _batch
+# The FFI handler is registered at import, not at lowering, so deserialized
+# (jax.export) executables find it too.  Registering the CUDA target also works on
+# CPU-only jaxlib.
+ensure_registered()
+# Each lowering is registered once, wrapped by the multi-device partitioning rule
+# (sharding.py; sharding.set_enabled turns it off and on at lowering time).
+mlir.register_lowering(fa4_fwd_p, sharding.forward_lowering(
+    fa4_fwd_p, _lower_default, _partitions_default))
+mlir.register_lowering(fa4_fwd_p, sharding.forward_lowering(
+    fa4_fwd_p, _lower_cuda, _partitions_cuda), platform="cuda")

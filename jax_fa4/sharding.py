@@ -1,14 +1,18 @@
-"""Partitioning rule for the forward primitive: jit with batch- or head-sharded q/k/v
-runs one call per shard, without all-gathers.
+"""Partitioning rules for the attention primitives: jit with batch- or head-sharded
+q/k/v runs one call per shard, without all-gathers.
 
-How: when `jax_fa4_fwd` is lowered into a jit computation over
-several devices, its lowering emits a `jax.experimental.custom_partitioning` call
-instead of the call itself.  XLA's partitioner (Shardy, or GSPMD) then asks the rule
-below how to split it; the per-shard computation binds `jax_fa4_fwd` again, with
-per-shard shapes, and lowers it the usual way: the FA4 custom call on CUDA, the
-pure-JAX fallback elsewhere.  Doing it at lowering time (not around the bind at trace
-time) keeps every transformation working: vmap and the custom_vjp see the plain
-primitive, and only the lowered call carries the partitioning.
+How: each primitive's module registers its lowerings once, wrapped by
+`forward_lowering` / `backward_lowering` below (as JAX's cuDNN attention wraps its
+lowering in custom_partitioning).  When `jax_fa4_fwd` is lowered into a jit
+computation over several devices, the wrapped lowering emits a
+`jax.experimental.custom_partitioning` call instead of the call itself.  XLA's
+partitioner (Shardy, or GSPMD) then asks the rule below how to split it; the
+per-shard computation binds the primitive again, with per-shard shapes, and lowers it
+the usual way: the FA4 custom call on CUDA, the pure-JAX fallback elsewhere.  Doing
+it at lowering time (not around the bind at trace time) keeps every transformation
+working: vmap and the custom_vjp see the plain primitive, and only the lowered call
+carries the partitioning.  This module imports neither primitive module: the
+primitive to bind per shard comes in as an argument.
 
 The rule (Shardy's `sharding_rule`; GSPMD's callbacks decide the same):
 
@@ -41,6 +45,7 @@ turns the rule off, e.g. to lower against an AbstractMesh alone (see there).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -51,24 +56,30 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import backward_primitive, primitive
-from .backward_primitive import BwdParams, fa4_bwd_p
 from .kernels.forward_abi import operands
-from .primitive import FwdParams, fa4_fwd_p
 
-__all__ = ["backward_call_specs", "backward_shardy_rule", "call_specs", "set_enabled", "shardy_rule"]
-
-
-def _per_shard(params: FwdParams, *args):
-    return tuple(fa4_fwd_p.bind(*args, params=params))
+__all__ = ["backward_call_specs", "backward_lowering", "backward_shardy_rule", "call_specs",
+           "forward_lowering", "set_enabled", "shardy_rule"]
 
 
-def _bwd_per_shard(params: BwdParams, *args):
-    return tuple(fa4_bwd_p.bind(*args, params=params))
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """custom_partitioning's static argument: the primitive each shard binds again and
+    its parameters.  The primitive travels here (not by import) so that this module
+    needs neither primitive module; both fields are hashable, as static args must be."""
+
+    primitive: object
+    params: object
 
 
+def _per_shard(call: _Call, *args):
+    return tuple(call.primitive.bind(*args, params=call.params))
+
+
+# One custom_partitioning per rule: the forward's (every entry point) and the
+# backward's (dense attention).  Their callbacks follow "The rule" below.
 _partitioned = custom_partitioning(_per_shard, static_argnums=(0,))
-_bwd_partitioned = custom_partitioning(_bwd_per_shard, static_argnums=(0,))
+_bwd_partitioned = custom_partitioning(_per_shard, static_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------
@@ -181,19 +192,21 @@ def _named(mesh, specs):
     return tuple(NamedSharding(mesh, s) for s in specs)
 
 
-def _names(params: FwdParams) -> tuple[str, ...]:
-    return tuple(n for n, _ in operands(params.plan.variant))
+def _specs(params, mesh, arg_shapes):
+    """call_specs of a forward call with parameters `params` (a FwdParams)."""
+    names = tuple(n for n, _ in operands(params.plan.variant))
+    return call_specs(mesh, arg_shapes, names, params.kind)
 
 
-def _infer(params, mesh, arg_shapes, result_shape):
+def _infer(call: _Call, mesh, arg_shapes, result_shape):
     del result_shape
-    return _named(mesh, call_specs(mesh, arg_shapes, _names(params), params.kind)[1])
+    return _named(mesh, _specs(call.params, mesh, arg_shapes)[1])
 
 
-def _partition(params, mesh, arg_shapes, result_shape):
+def _partition(call: _Call, mesh, arg_shapes, result_shape):
     del result_shape
-    ops, outs = call_specs(mesh, arg_shapes, _names(params), params.kind)
-    return mesh, functools.partial(_per_shard, params), _named(mesh, outs), _named(mesh, ops)
+    ops, outs = _specs(call.params, mesh, arg_shapes)
+    return mesh, functools.partial(_per_shard, call), _named(mesh, outs), _named(mesh, ops)
 
 
 # Shardy factor names of the replicated dimensions, per operand and rank.
@@ -210,10 +223,11 @@ _SDY_OTHER = {
 }
 
 
-def shardy_rule(params: FwdParams, num_operands: int | None = None) -> tuple[str, dict]:
-    """Shardy's rule: einsum-like string and factor options.  Query heads are the
-    compound factor (k g) so they shard with the KV heads k; every other factor but
-    the batch b needs replication.  Where the batch cannot be split (packed k/v, or
+def shardy_rule(params, num_operands: int | None = None) -> tuple[str, dict]:
+    """Shardy's rule for a forward call with parameters `params` (a FwdParams):
+    einsum-like string and factor options.  Query heads are the compound factor (k g)
+    so they shard with the KV heads k; every other factor but the batch b needs
+    replication.  Where the batch cannot be split (packed k/v, or
     packed q, whose rows mix sequences) it needs replication too."""
     del num_operands  # implied by the variant
     v = params.plan.variant
@@ -241,9 +255,9 @@ def shardy_rule(params: FwdParams, num_operands: int | None = None) -> tuple[str
     return rule, opts
 
 
-def _sdy_rule(params, mesh, value_types, result_types):
-    del mesh, result_types
-    return shardy_rule(params)
+def _sdy_rule(call: _Call, mesh, value_types, result_types):
+    del mesh, value_types, result_types
+    return shardy_rule(call.params)
 
 
 _partitioned.def_partition(
@@ -253,18 +267,18 @@ _partitioned.def_partition(
 )
 
 
-def _bwd_infer(params, mesh, arg_shapes, result_shape):
-    del params, result_shape
+def _bwd_infer(call: _Call, mesh, arg_shapes, result_shape):
+    del call, result_shape
     return _named(mesh, backward_call_specs(mesh, arg_shapes)[1])
 
 
-def _bwd_partition(params, mesh, arg_shapes, result_shape):
+def _bwd_partition(call: _Call, mesh, arg_shapes, result_shape):
     del result_shape
     ops, outs = backward_call_specs(mesh, arg_shapes)
     batch = _axes(ops[0][0])
 
     def per_shard(*args):
-        grads = _bwd_per_shard(params, *args)
+        grads = _per_shard(call, *args)
         if len(grads) == 4 and batch:  # each shard's d_sinks covers its batch rows
             grads = grads[:3] + (jax.lax.psum(grads[3], batch),)
         return grads
@@ -272,10 +286,10 @@ def _bwd_partition(params, mesh, arg_shapes, result_shape):
     return mesh, per_shard, _named(mesh, outs), _named(mesh, ops)
 
 
-def backward_shardy_rule(params: BwdParams, num_operands: int | None = None
-                         ) -> tuple[str, dict]:
-    """Shardy's rule for the backward call (see shardy_rule); d_sinks has no batch
-    factor (the per-shard function sums it over the batch shards)."""
+def backward_shardy_rule(params, num_operands: int | None = None) -> tuple[str, dict]:
+    """Shardy's rule for a backward call with parameters `params` (a BwdParams; see
+    shardy_rule); d_sinks has no batch factor (the per-shard function sums it over
+    the batch shards)."""
     del num_operands  # implied by the variant
     v = params.plan.variant
     g = v.qhead_per_kvhead
@@ -293,13 +307,21 @@ def backward_shardy_rule(params: BwdParams, num_operands: int | None = None
 _bwd_partitioned.def_partition(
     partition=_bwd_partition,
     infer_sharding_from_operands=_bwd_infer,
-    sharding_rule=lambda params, mesh, values, results: backward_shardy_rule(params),
+    sharding_rule=lambda call, mesh, values, results: backward_shardy_rule(call.params),
 )
 
 
 # ----------------------------------------------------------------------------
-# Lowering hook
+# The wrapped lowering
 # ----------------------------------------------------------------------------
+
+# Read by the wrapped lowerings at lowering time (set_enabled flips it), so turning the
+# rule off or on never registers a lowering again: each primitive registers its own once.
+_enabled = True
+# The primitives whose lowerings are wrapped: set_enabled keeps JAX's list of primitives
+# that need devices at lowering time in step with the flag.
+_wrapped: list = []
+
 
 def _spmd(ctx) -> bool:
     """Whether the lowering is into an automatically partitioned (jit) computation
@@ -313,52 +335,56 @@ def _spmd(ctx) -> bool:
             and not mc.lowering_parameters.for_export)
 
 
-def _kernel_ready(variant) -> bool:
-    """Whether the CUDA lowering would emit the custom call (else it falls back or
-    raises, which the plain lowering does with the same message)."""
-    return primitive.kernel_object(variant)[1] is None
+def _require_devices(primitive) -> None:
+    if _enabled:
+        _jax_dispatch.prim_requires_devices_during_lowering.add(primitive)
+    else:
+        _jax_dispatch.prim_requires_devices_during_lowering.discard(primitive)
 
 
-def _hooked(base, platform, partitioned=_partitioned):
+def _wrap(partitioned, primitive, lower, applies):
+    """`lower` (a lowering rule of `primitive`), emitting the partitioned call instead
+    in multi-device jit lowerings where `applies(params)`: the plain lowering would
+    emit the kernel's custom call (elsewhere it falls back or raises, and does so
+    itself).  `applies` is asked only then, since on CUDA it may compile the kernel."""
+    if primitive not in _wrapped:
+        _wrapped.append(primitive)
+        _require_devices(primitive)
+
     def rule(ctx, *args, params):
-        backward = isinstance(params, BwdParams)
-        fwd = params.fwd if backward else params
-        # The backward rule covers dense attention; the forward rule every entry point.
-        variant = params.plan.variant if backward else params.plan.kernel_variant
-        if (fwd.kind == "dense" or not backward) and _spmd(ctx):
-            ready = _kernel_ready(variant) if platform == "cuda" else not fwd.forced
-            if ready:
-                return mlir.lower_fun(functools.partial(partitioned, params),
-                                      multiple_results=True)(ctx, *args)
-        return base(ctx, *args, params=params)
+        if _enabled and _spmd(ctx) and applies(params):
+            return mlir.lower_fun(functools.partial(partitioned, _Call(primitive, params)),
+                                  multiple_results=True)(ctx, *args)
+        return lower(ctx, *args, params=params)
 
-    rule.__wrapped__ = base
+    rule.__wrapped__ = lower
     return rule
+
+
+def forward_lowering(primitive, lower, applies):
+    """The lowering to register for the forward primitive: `lower` wrapped by the
+    forward rule (see _wrap)."""
+    return _wrap(_partitioned, primitive, lower, applies)
+
+
+def backward_lowering(primitive, lower, applies):
+    """The lowering to register for the backward primitive: `lower` wrapped by the
+    backward rule (see _wrap)."""
+    return _wrap(_bwd_partitioned, primitive, lower, applies)
 
 
 def set_enabled(enabled: bool = True) -> None:
     """Turns the partitioning rule on (the default, from import) or off.
 
     On: multi-device jit lowerings of attention go through the rule, and JAX
-    is told that `jax_fa4_fwd` needs the device assignment at lowering time (what
-    custom_partitioning needs), which makes JAX refuse to lower it against an
-    AbstractMesh alone ("AbstractMesh cannot be used when jaxpr contains primitives
-    that require devices ...").  Off: primitive.py's lowerings as they are (XLA
-    replicates the FA4 call under sharding), and AbstractMesh lowering works again.
-    Applies to lowerings from then on; functions already traced or compiled keep
-    what they had (`jax.clear_caches()` drops them)."""
-    hook = _hooked if enabled else (lambda base, platform, partitioned=None: base)
-    mlir.register_lowering(fa4_fwd_p, hook(primitive._lower_default, None))
-    mlir.register_lowering(fa4_fwd_p, hook(primitive._lower_cuda, "cuda"), platform="cuda")
-    bwd = backward_primitive
-    mlir.register_lowering(fa4_bwd_p, hook(bwd._lower_fallback, None, _bwd_partitioned))
-    mlir.register_lowering(fa4_bwd_p, hook(bwd._lower_cuda, "cuda", _bwd_partitioned),
-                           platform="cuda")
-    for prim in (fa4_fwd_p, fa4_bwd_p):
-        if enabled:
-            _jax_dispatch.prim_requires_devices_during_lowering.add(prim)
-        else:
-            _jax_dispatch.prim_requires_devices_during_lowering.discard(prim)
-
-
-set_enabled(True)
+    is told that `jax_fa4_fwd` and `jax_fa4_bwd` need the device assignment at
+    lowering time (what custom_partitioning needs), which makes JAX refuse to lower
+    them against an AbstractMesh alone ("AbstractMesh cannot be used when jaxpr
+    contains primitives that require devices ...").  Off: the primitives' plain
+    lowerings (XLA replicates the FA4 call under sharding), and AbstractMesh lowering
+    works again.  Applies to lowerings from then on; functions already traced or
+    compiled keep what they had (`jax.clear_caches()` drops them)."""
+    global _enabled
+    _enabled = bool(enabled)
+    for primitive in _wrapped:
+        _require_devices(primitive)

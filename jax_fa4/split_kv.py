@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import mlir
 
+from . import validate
 from .ffi_target import TARGET, call_attributes
 from .kernels.forward_abi import operands, size_dims
-from .kernels.split import MAX_GRID_Z, lse_region, split_variant, workspace_size
+from .kernels.split import lse_region, split_variant, workspace_size
 
 
 def combine(o_part, lse_part, sinks, dtype):
@@ -52,9 +53,7 @@ def _forward(*args, params, obj: bytes):
     hv = a["v"].shape[-1]
     # From the shapes lowered here: a shard's, or a vmap-folded batch's, not the plan's.
     s = plan.splits_for(b, a["k"].shape[-2])
-    if s * b > MAX_GRID_Z:
-        raise ValueError(f"jax_fa4: {s} splits x {b} sequences exceed the CUDA grid's "
-                         f"{MAX_GRID_Z} (num_splits * batch); pass a smaller num_splits")
+    validate.split_grid(s, b)
     if "seqused_k" not in a:  # dense k/v: every key is used
         a["seqused_k"] = jnp.full((b,), a["k"].shape[1], jnp.int32)
     ws_shape = jax.ShapeDtypeStruct((workspace_size(b, n, t, hv, s),), jnp.float32)

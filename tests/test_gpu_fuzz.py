@@ -27,6 +27,7 @@ import jax_fa4
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_cases_fuzz  # noqa: E402
+from reference import sequence64, visible  # noqa: E402
 from test_gpu_forward import _has_sm90, _relerr, _window  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
@@ -58,43 +59,6 @@ def _id(c):
 
 
 # --------------------------------------------------------------------------- reference
-
-def visible(tq, tk, offset, window):
-    """(tq, tk) bool: query i (at key position i + offset) sees key j."""
-    i, j = np.arange(tq)[:, None] + offset, np.arange(tk)[None, :]
-    vis = np.ones((tq, tk), bool)
-    if window[0] is not None:
-        vis &= j >= i - window[0]
-    if window[1] is not None:
-        vis &= j <= i + window[1]
-    return vis
-
-
-def ref_sequence(q, k, v, *, offset, window, scale, softcap, sinks):
-    """float64: q (Tq, N, H), k (Tk, K, H), v (Tk, K, Hv); query i sits at key position
-    i + offset; window (left, right), None unbounded.  -> out (Tq, N, Hv), lse (Tq, N)."""
-    tq, n, _ = q.shape
-    tk, kh, hv = v.shape
-    if tq == 0:
-        return np.zeros((0, n, hv)), np.zeros((0, n))
-    g = n // kh
-    kr = np.repeat(k, g, axis=1).transpose(1, 2, 0)  # (N, H, Tk)
-    vr = np.repeat(v, g, axis=1).transpose(1, 0, 2)  # (N, Tk, Hv)
-    s = np.matmul(q.transpose(1, 0, 2), kr) * scale  # (N, Tq, Tk)
-    if softcap is not None:
-        s = softcap * np.tanh(s / softcap)
-    vis = visible(tq, tk, offset, window)
-    s = np.where(vis[None], s, -np.inf)
-    m = s.max(-1, initial=-np.inf)
-    if sinks is not None:
-        m = np.maximum(m, sinks[:, None])
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m[..., None])
-    lsum = p.sum(-1) + (0.0 if sinks is None else np.exp(sinks[:, None] - m))
-    lse = np.where(lsum > 0, np.log(np.where(lsum > 0, lsum, 1.0)) + m, -np.inf)
-    o = np.matmul(p, vr) / np.where(lsum > 0, lsum, 1.0)[..., None]
-    return o.transpose(1, 0, 2), lse.T
-
 
 def _f64(x):
     return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
@@ -168,7 +132,7 @@ def _reference(c, a, sinks, jobs, out_shape, lse_shape):
     s64 = None if sinks is None else np.asarray(sinks, np.float64)
     ro, rl = np.zeros(out_shape), np.full(lse_shape, -np.inf)
     for out_rows, q_rows, krows, offset in jobs:
-        o, lse = ref_sequence(q[q_rows], kf[krows], vf[krows], offset=offset,
+        o, lse = sequence64(q[q_rows], kf[krows], vf[krows], offset=offset,
                               window=_window(c), scale=scale,
                               softcap=c.get("logits_soft_cap"), sinks=s64)
         ro[out_rows], rl[out_rows] = o, lse

@@ -19,6 +19,7 @@ import jax_fa4
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_cases_paged import CALLS, PAGED_MAX_TOKENS  # noqa: E402
+from reference import sequence64  # noqa: E402
 from test_gpu_forward import _has_sm90, _relerr, _window  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
@@ -29,31 +30,10 @@ pytestmark = [pytest.mark.gpu,
 
 
 def ref_sequence(q, k, v, sinks, scale, window, softcap):
-    """One sequence, numpy float64: q (Tq, N, H), k/v (Tk, K, H); FA's bottom-right
-    windows.  Returns out (Tq, N, Hv), lse (Tq, N)."""
-    tq, n, _ = q.shape
-    tk, kh, _ = k.shape
-    g = n // kh
-    k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-    s = np.einsum("tnh,snh->nts", q, k) * scale
-    if softcap is not None:
-        s = softcap * np.tanh(s / softcap)
-    i, j = np.arange(tq)[:, None] + tk - tq, np.arange(tk)[None, :]
-    vis = np.ones((tq, tk), bool)
-    if window[0] is not None:
-        vis &= j >= i - window[0]
-    if window[1] is not None:
-        vis &= j <= i + window[1]
-    s = np.where(vis[None], s, -np.inf)
-    cols = [s] if sinks is None else [s, np.broadcast_to(sinks[:, None, None], (n, tq, 1))]
-    full = np.concatenate(cols, axis=-1)
-    m = np.max(full, axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0)
-    lsum = np.exp(full - m).sum(-1)
-    lse = np.where(lsum > 0, np.log(np.where(lsum > 0, lsum, 1)) + m[..., 0], -np.inf)
-    p = np.where(np.isfinite(lse)[..., None], np.exp(s - lse[..., None]), 0.0)
-    o = np.einsum("nts,snh->tnh", p, v)
-    return o, lse.T
+    """One sequence, float64: q (Tq, N, H), k/v (Tk, K, H); FA's bottom-right windows.
+    Returns out (Tq, N, Hv), lse (Tq, N)."""
+    return sequence64(q, k, v, offset=k.shape[0] - q.shape[0], window=window, scale=scale,
+                      softcap=softcap, sinks=sinks)
 
 
 def _f64(x):

@@ -130,6 +130,69 @@ def test_dict_round_trip():
     assert ForwardVariant.from_dict(d).symbol == v.symbol
 
 
+def _each_kind():
+    """One variant of each kind, with nested configs that are not the defaults."""
+    from jax_fa4.kernels.backward_config import BackwardVariant
+    from jax_fa4.kernels.split import DECODE_TILE, SplitVariant
+
+    base = ForwardVariant("bfloat16", 128, 128, 8, has_seqused_k=True, tile=DECODE_TILE)
+    return [(ForwardVariant("float16", 512, 512, 4, tile=config.hdim512_tile("split_pv")),
+             "sm90_forward", "jax_fa4_fwd_"),
+            (SplitVariant(base, fused_combine=False), "sm90_forward_split", "jax_fa4_fwds_"),
+            (BackwardVariant("bfloat16", 128, 128, 4, mask="causal", layout="packed",
+                             has_seqused_k=True), "sm90_backward", "jax_fa4_bwd_")]
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_every_kind_builds_its_key_the_same_way(i):
+    """Forward, split-KV and backward variants share one key recipe (kernels/variant.py):
+    kind, ABI, pinned toolchain, source digest, fields; the symbol hashes the key."""
+    v, kind, prefix = _each_kind()[i]
+    d = json.loads(v.key())
+    assert d["kind"] == kind and d["abi"] == type(v).ABI
+    assert (d["fa4"], d["cutlass_dsl"]) == (config.FA4_VERSION, config.CUTLASS_DSL_VERSION)
+    assert d["source"] == config.kernel_source_digest(*type(v).SOURCES)
+    for f in dataclasses.fields(v):
+        assert f.name in d
+    assert v.symbol.startswith(prefix) and len(v.symbol) == len(prefix) + 20
+    w = type(v).from_dict(json.loads(json.dumps(v.as_dict())))
+    assert w == v and w.key() == v.key() and w.describe() == v.describe()
+
+
+def test_split_key_names_its_base_and_combine():
+    v = _each_kind()[1][0]
+    d = json.loads(v.key())
+    assert d["base_key"] == json.loads(v.base.key())
+    assert d["combine_log_max_splits"] == 7
+    assert v.describe() == v.base.describe() + ", split-KV"
+
+
+def test_backward_for_forward_carries_the_attention_fields():
+    from jax_fa4.kernels.backward_config import BackwardVariant
+
+    fv = ForwardVariant("float16", 192, 128, 1, mask="local", window_left=True, softcap=30,
+                        has_sinks=True, q_layout="packed", kv_layout="packed",
+                        has_seqused_q=True)
+    bv = BackwardVariant.for_forward(fv)
+    assert bv == BackwardVariant("float16", 192, 128, 1, mask="local", window_left=True,
+                                 softcap=30.0, has_sinks=True, layout="packed",
+                                 has_seqused_q=True)
+    assert bv.describe() == ("sm90 bwd float16 hdim 192/128, group 1, local(left=y,right=n), "
+                             "softcap 30, sinks, packed seqused q, tile 64x96")
+
+
+def test_compile_does_not_import_the_cache():
+    """cache.py calls compile.py; the reverse import would make a cycle."""
+    import ast
+
+    tree = ast.parse(open(kcompile.__file__).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                for a in n.names} | {n.module for n in ast.walk(tree)
+                                     if isinstance(n, ast.ImportFrom)}
+    assert "cache" not in imported
+    assert cache.MissingKernelError is MissingKernelError is jax_fa4.MissingKernelError
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dtype="float32"), "dtype"),
     (dict(dtype="bf16"), "dtype"),
@@ -554,6 +617,6 @@ def test_every_kernel_module_is_digested_or_planning_only():
 
     here = pathlib.Path(config.__file__).parent
     digested = set(config.FORWARD_SOURCES + config.SPLIT_SOURCES + config.BACKWARD_SOURCES)
-    planning = {"__init__.py", "config.py", "split.py", "backward_config.py", "cache.py",
-                "compile.py"}
+    planning = {"__init__.py", "variant.py", "config.py", "split.py", "backward_config.py",
+                "errors.py", "cache.py", "compile.py"}
     assert {p.name for p in here.glob("*.py")} == digested | planning

@@ -399,6 +399,15 @@ def test_nan_in_rows_no_sequence_sees_stays_out_of_the_fallback():
                                   is_causal=True)
     assert not np.isnan(np.asarray(out)).any()
     np.testing.assert_allclose(np.asarray(out), np.asarray(clean), rtol=1e-6, atol=1e-6)
+    # ... and out of the pure-JAX backward's gradients
+    grad = jax.grad(lambda q, kc, vc: jnp.sum(jax_fa4.paged_attention(
+        q, kc, vc, table, used, is_causal=True)), argnums=(0, 1, 2))
+    clean_g = grad(q, jnp.asarray(kc), jnp.asarray(vc))
+    dirty_g = grad(q, jnp.asarray(dirty_k), jnp.asarray(dirty_v))
+    np.testing.assert_allclose(np.asarray(dirty_g[0]), np.asarray(clean_g[0]), rtol=1e-5,
+                               atol=1e-5)
+    for g in dirty_g[1:]:
+        assert not np.isnan(np.asarray(g)).any()
 
     # varlen: padding rows after the last sequence and rows past seqused_k hold NaN
     k = rng.standard_normal((50, kh, hd)).astype(np.float32)

@@ -16,7 +16,8 @@ from conftest import has_compiler
 import jax_fa4
 import jax_fa4.api
 from jax_fa4 import split_kv, varlen
-from jax_fa4.kernels.split import (DECODE_TILE, MAX_SPLITS, check_num_splits,
+from jax_fa4.validate import num_splits as check_num_splits
+from jax_fa4.kernels.split import (DECODE_TILE, MAX_SPLITS,
                                    choose_num_splits, lse_region, split_variant,
                                    workspace_size)
 

@@ -7,11 +7,9 @@ head counts, scale and window bounds stay runtime arguments, as in the forward.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
-from .config import (BACKWARD_SOURCES, CUTLASS_DSL_VERSION, DTYPES, FA4_VERSION, MASKS,
-                     kernel_source_digest)
+from .config import BACKWARD_SOURCES, ForwardVariant
+from .variant import AttentionVariant
 
 # Bump when the backward launcher's argument convention (backward_abi.py) changes.
 BACKWARD_ABI = 1
@@ -36,6 +34,9 @@ class BackwardTile:
     AtomLayoutMdQ: int
     num_wg: int = 2
     dQ_single_wg: bool = False
+
+    def describe(self) -> str:
+        return f"tile {self.m_block_size}x{self.n_block_size}"
 
     @property
     def hdim_multiple_of(self) -> int:
@@ -65,87 +66,55 @@ def round_up(x: int, m: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class BackwardVariant:
+class BackwardVariant(AttentionVariant):
     """One compiled SM90 backward launcher (preprocess, main kernel, postprocess).
 
-    mask / window_left / window_right / softcap / has_sinks as in ForwardVariant.
+    dtype .. has_sinks: see AttentionVariant (as in ForwardVariant).
     layout: 'dense' (b, s, h, d) q and k/v, or 'packed' (total, h, d) both, with
     cu_seqlens_q/k.  GQA (qhead_per_kvhead > 1) accumulates dK/dV in float32
     workspaces that a postprocess sums into dK/dV.
     """
 
-    dtype: str
-    head_dim: int
-    head_dim_v: int
-    qhead_per_kvhead: int
-    mask: str = "none"
-    window_left: bool = False
-    window_right: bool = False
-    softcap: float | None = None
-    has_sinks: bool = False
+    KIND = "sm90_backward"
+    ABI = BACKWARD_ABI
+    SOURCES = BACKWARD_SOURCES
+    SYMBOL_PREFIX = "jax_fa4_bwd_"
+    DIRECTION = "bwd"
+
     layout: str = "dense"
     has_seqused_q: bool = False
     has_seqused_k: bool = False
     tile: BackwardTile | None = None
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
+        super().__post_init__()
         if self.layout not in ("dense", "packed"):
             raise ValueError(f"layout must be 'dense' or 'packed', got {self.layout!r}")
-        if (self.mask == "local") != (self.window_left or self.window_right):
-            raise ValueError("mask='local' needs a window bound, and only it has them")
         if self.layout == "dense" and (self.has_seqused_q or self.has_seqused_k):
             raise ValueError("seqused_q/k need layout='packed'")
-        if self.softcap is not None:
-            object.__setattr__(self, "softcap", float(self.softcap))
         if self.tile is None:
             object.__setattr__(self, "tile", sm90_backward_tile(
                 self.head_dim, self.head_dim_v, self.mask == "causal", self.mask == "local"))
+
+    @classmethod
+    def for_forward(cls, fv: ForwardVariant) -> "BackwardVariant":
+        """The backward of calls whose forward runs `fv`: the attention fields carry
+        over, q's layout names both (the caller refuses q and k/v layouts that differ,
+        and paged k/v), and the tile is the backward's own.  Built from the fields, not
+        copied by hand, so a field added to AttentionVariant reaches the backward."""
+        return cls(**fv.attention_fields(), layout=fv.q_layout,
+                   has_seqused_q=fv.has_seqused_q, has_seqused_k=fv.has_seqused_k)
 
     @property
     def gqa_accum(self) -> bool:
         """dK/dV go through float32 accumulators (several query heads add into them)."""
         return self.qhead_per_kvhead > 1
 
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["tile"] = dataclasses.asdict(self.tile)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BackwardVariant":
-        d = dict(d)
-        d["tile"] = BackwardTile(**d["tile"]) if d.get("tile") else None
-        return cls(**d)
-
-    def key(self) -> str:
-        return json.dumps({"kind": "sm90_backward", "abi": BACKWARD_ABI, "fa4": FA4_VERSION,
-                           "cutlass_dsl": CUTLASS_DSL_VERSION,
-                           "source": kernel_source_digest(*BACKWARD_SOURCES), **self.as_dict()},
-                          sort_keys=True)
-
-    @property
-    def symbol(self) -> str:
-        return "jax_fa4_bwd_" + hashlib.sha256(self.key().encode()).hexdigest()[:20]
-
-    def describe(self) -> str:
-        parts = [f"sm90 bwd {self.dtype} hdim {self.head_dim}"
-                 + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else ""),
-                 f"group {self.qhead_per_kvhead}", self.mask]
-        if self.mask == "local":
-            parts[-1] += (f"(left={'y' if self.window_left else 'n'},"
-                          f"right={'y' if self.window_right else 'n'})")
-        if self.softcap is not None:
-            parts.append(f"softcap {self.softcap:g}")
-        if self.has_sinks:
-            parts.append("sinks")
+    def describe_parts(self) -> list[str]:
+        parts = super().describe_parts()
         if self.layout != "dense":
             parts.append(self.layout + (" seqused " + "q" * self.has_seqused_q
                                         + "k" * self.has_seqused_k
                                         if self.has_seqused_q or self.has_seqused_k else ""))
-        t = self.tile
-        parts.append(f"tile {t.m_block_size}x{t.n_block_size}")
-        return ", ".join(parts)
+        parts.append(self.tile.describe())
+        return parts

@@ -21,7 +21,9 @@ import struct
 import tempfile
 import threading
 
-from .config import ForwardVariant
+from . import compile as _compiler
+from .errors import MissingKernelError
+from .variant import KernelVariant
 
 logger = logging.getLogger("jax_fa4")
 
@@ -30,10 +32,6 @@ _UMASK = os.umask(0o022)  # read once: mkstemp creates 0600, files get the usual
 os.umask(_UMASK)
 _memory: dict[str, bytes] = {}
 _lock = threading.Lock()
-
-
-class MissingKernelError(RuntimeError):
-    """A kernel variant is not cached and may not (or cannot) be compiled here."""
 
 
 def cache_dir() -> pathlib.Path:
@@ -50,7 +48,7 @@ def compile_mode() -> str:
     return mode
 
 
-def _path(variant: ForwardVariant) -> pathlib.Path:
+def _path(variant: KernelVariant) -> pathlib.Path:
     return cache_dir() / f"{variant.symbol}.o"
 
 
@@ -71,7 +69,7 @@ def _decode(key: str, data: bytes) -> bytes | None:
     return obj if hashlib.sha256(obj).digest() == digest else None
 
 
-def load_from_disk(variant: ForwardVariant) -> bytes | None:
+def load_from_disk(variant: KernelVariant) -> bytes | None:
     path = _path(variant)
     try:
         data = path.read_bytes()
@@ -83,7 +81,7 @@ def load_from_disk(variant: ForwardVariant) -> bytes | None:
     return obj
 
 
-def store_to_disk(variant: ForwardVariant, obj: bytes) -> None:
+def store_to_disk(variant: KernelVariant, obj: bytes) -> None:
     path = _path(variant)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +94,7 @@ def store_to_disk(variant: ForwardVariant, obj: bytes) -> None:
         logger.warning("jax_fa4: cannot write kernel cache %s: %s", path, e)
 
 
-def get_object(variant: ForwardVariant) -> bytes:
+def get_object(variant: KernelVariant) -> bytes:
     """The compiled object for `variant`, compiling it if allowed and needed."""
     key = variant.key()
     with _lock:
@@ -110,9 +108,8 @@ def get_object(variant: ForwardVariant) -> bytes:
                     f"in the cache {cache_dir()} and JAX_FA4_COMPILE=never. Build it on a host "
                     "with jax_fa4[compile] (no GPU needed): python -m jax_fa4.precompile ..."
                 )
-            from .compile import compile_variant
-
-            obj = compile_variant(variant)
+            # Through the module, so that tests can stand in for the compiler.
+            obj = _compiler.compile_variant(variant)
             store_to_disk(variant, obj)
         _memory[key] = obj
         return obj

@@ -1,4 +1,8 @@
-"""Compiles kernel variants with the CuTe DSL (no GPU needed: target sm_90a)."""
+"""Compiles kernel variants with the CuTe DSL (no GPU needed: target sm_90a).
+
+The cache (cache.py) calls in here for what it lacks; this module imports nothing of
+the cache, so the two form no import cycle.  The CuTe DSL and FA4 are imported only
+inside compile_variant, when a kernel is really built."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -7,10 +11,10 @@ import logging
 import sys
 import time
 
-from .cache import MissingKernelError
 from .backward_config import BackwardVariant
-from .config import CUTLASS_DSL_VERSION, FA4_VERSION, ForwardVariant
+from .errors import MissingKernelError
 from .split import SplitVariant
+from .variant import CUTLASS_DSL_VERSION, FA4_VERSION, KernelVariant
 
 logger = logging.getLogger("jax_fa4")
 
@@ -38,8 +42,8 @@ def check_toolchain() -> None:
         )
 
 
-def compile_variant(variant: ForwardVariant | SplitVariant | BackwardVariant, *,
-                    verbose: bool = False) -> bytes:
+def compile_variant(variant: KernelVariant, *, verbose: bool = False) -> bytes:
+    """The object file of `variant` (a ForwardVariant, SplitVariant or BackwardVariant)."""
     check_toolchain()
     t0 = time.perf_counter()
     msg = f"jax_fa4: compiling [{variant.describe()}]"

@@ -9,21 +9,15 @@ dispatch layer can name a variant on hosts without the compiler.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
 import math
-import pathlib
 
-# FA4 and the CuTe DSL are pinned: our launchers depend on their internals, and
-# a kernel object built by other versions must never be mistaken for ours.
-FA4_VERSION = "4.0.0b36"
-CUTLASS_DSL_VERSION = "4.8.1"
+# Re-exported: callers and tests read the pins and the digest from here.
+from .variant import (CUTLASS_DSL_VERSION, DTYPES, FA4_VERSION, MASKS,  # noqa: F401
+                      AttentionVariant, kernel_source_digest)
+
 # Bump when the launcher's argument convention (see forward.py) changes.
 LAUNCHER_ABI = 3  # 3: 64-bit strides inside the launcher
 
-DTYPES = ("bfloat16", "float16")
-MASKS = ("none", "causal", "local")
 Q_LAYOUTS = ("dense", "packed")
 KV_LAYOUTS = ("dense", "packed", "paged")
 # Kernel designs: FA4's own SM90 forward, or one of the head-dim-512 forwards for value
@@ -35,25 +29,12 @@ HDIM512_DESIGNS = DESIGNS[1:]
 
 # The kernel sources behind each kind of compiled object (modules of jax_fa4/kernels
 # that generate device code or fix a launcher's arguments).  The planning modules
-# (config.py, split.py, backward_config.py, cache.py, compile.py) reach the keys as data
-# (tiles, flags, ABI numbers), so editing them invalidates nothing.
+# (variant.py, config.py, split.py, backward_config.py, errors.py, cache.py, compile.py)
+# reach the keys as data (tiles, flags, ABI numbers), so editing them invalidates nothing.
 FORWARD_SOURCES = ("forward.py", "forward_abi.py", "forward_hdim512.py",
                    "forward_hdim512_splitk.py")
 SPLIT_SOURCES = ("forward_split.py",)  # on top of the base variant's FORWARD_SOURCES
 BACKWARD_SOURCES = ("backward.py", "backward_abi.py", "forward.py")
-
-
-@functools.cache
-def kernel_source_digest(*names: str) -> str:
-    """A digest of the named kernel source files of jax_fa4/kernels.  It is part of
-    every variant's key, so a cached object built by other kernel code (an older
-    checkout, a branch) is never loaded: it is rebuilt, or reported missing where
-    compiling is off.  Reads files only; imports nothing."""
-    h = hashlib.sha256()
-    here = pathlib.Path(__file__).parent
-    for name in sorted(names):
-        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
-    return h.hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +55,10 @@ class TileConfig:
         if self.design == "fa4":  # keeps the keys of variants that predate `design`
             del d["design"]
         return d
+
+    def describe(self) -> str:
+        return (f"tile {self.tile_m}x{self.tile_n}{' rs' if self.mma_pv_is_rs else ''}"
+                + (f" {self.design}" if self.design != "fa4" else ""))
 
 
 def hdim512_tile(design: str) -> TileConfig:
@@ -132,27 +117,22 @@ def cp_async_tile(tile: TileConfig, head_dim: int, head_dim_v: int) -> TileConfi
 
 
 @dataclasses.dataclass(frozen=True)
-class ForwardVariant:
+class ForwardVariant(AttentionVariant):
     """One compiled SM90 forward kernel.
 
-    mask: "none", "causal" (bottom-right aligned, as FA4) or "local" (a window whose
-    bounds are runtime int32 arguments; `window_left`/`window_right` say which bounds
-    exist, a missing one is unbounded).
+    dtype .. has_sinks: see AttentionVariant.
     q_layout: "dense" (b, s, h, d) or "packed" (total, h, d) with cu_seqlens_q.
     kv_layout: "dense", "packed" (with cu_seqlens_k) or "paged" (pages of a cache with
     a page table); `paged_tma`: pages are loaded by TMA (page size == tile_n), else by
     cp.async.  has_seqused_q/k: per-sequence used lengths are given.
     """
 
-    dtype: str
-    head_dim: int
-    head_dim_v: int
-    qhead_per_kvhead: int
-    mask: str = "none"
-    window_left: bool = False
-    window_right: bool = False
-    softcap: float | None = None
-    has_sinks: bool = False
+    KIND = "sm90_forward"
+    ABI = LAUNCHER_ABI
+    SOURCES = FORWARD_SOURCES
+    SYMBOL_PREFIX = "jax_fa4_fwd_"
+    DIRECTION = "fwd"
+
     q_layout: str = "dense"
     kv_layout: str = "dense"
     has_seqused_q: bool = False
@@ -165,17 +145,9 @@ class ForwardVariant:
             raise ValueError(f"bad layouts q={self.q_layout!r} kv={self.kv_layout!r}")
         if self.paged_tma and self.kv_layout != "paged":
             raise ValueError("paged_tma needs kv_layout='paged'")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
-        if self.mask != "local" and (self.window_left or self.window_right):
-            raise ValueError("window bounds are only meaningful for mask='local'")
-        if self.mask == "local" and not (self.window_left or self.window_right):
-            raise ValueError("mask='local' needs at least one window bound")
-        if self.softcap is not None:
-            object.__setattr__(self, "softcap", float(self.softcap))
+        super().__post_init__()
         if self.tile is None:
+            # Looked up as a module global: tests patch config.sm90_forward_tile.
             tile = sm90_forward_tile(
                 self.head_dim, self.head_dim_v, self.mask == "causal", self.mask == "local"
             )
@@ -193,58 +165,12 @@ class ForwardVariant:
         # FA4's default: the query heads of one KV head share a tile (one K/V read).
         return self.qhead_per_kvhead > 1
 
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["tile"] = self.tile.as_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ForwardVariant":
-        d = dict(d)
-        d["tile"] = TileConfig(**d["tile"]) if d.get("tile") else None
-        return cls(**d)
-
-    def key(self) -> str:
-        """Canonical text naming the variant and the toolchain that builds it."""
-        return json.dumps(
-            {
-                "kind": "sm90_forward",
-                "abi": LAUNCHER_ABI,
-                "fa4": FA4_VERSION,
-                "cutlass_dsl": CUTLASS_DSL_VERSION,
-                "source": kernel_source_digest(*FORWARD_SOURCES),
-                **self.as_dict(),
-            },
-            sort_keys=True,
-        )
-
-    @property
-    def symbol(self) -> str:
-        """The launcher's symbol prefix in the object; unique per key."""
-        return "jax_fa4_fwd_" + hashlib.sha256(self.key().encode()).hexdigest()[:20]
-
-    def describe(self) -> str:
-        parts = [
-            f"sm90 fwd {self.dtype} hdim {self.head_dim}"
-            + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else ""),
-            f"group {self.qhead_per_kvhead}",
-            self.mask
-            + (
-                f"(left={'y' if self.window_left else 'n'},right={'y' if self.window_right else 'n'})"
-                if self.mask == "local"
-                else ""
-            ),
-        ]
-        if self.softcap is not None:
-            parts.append(f"softcap {self.softcap:g}")
-        if self.has_sinks:
-            parts.append("sinks")
+    def describe_parts(self) -> list[str]:
+        parts = super().describe_parts()
         if self.q_layout != "dense" or self.kv_layout != "dense":
             parts.append(f"q {self.q_layout}, kv {self.kv_layout}"
                          + (" (tma)" if self.paged_tma else ""))
         if self.has_seqused_q or self.has_seqused_k:
             parts.append("seqused " + "q" * self.has_seqused_q + "k" * self.has_seqused_k)
-        t = self.tile
-        parts.append(f"tile {t.tile_m}x{t.tile_n}{' rs' if t.mma_pv_is_rs else ''}"
-                     + (f" {t.design}" if t.design != "fa4" else ""))
-        return ", ".join(parts)
+        parts.append(self.tile.describe())
+        return parts

@@ -17,12 +17,11 @@ The kernel sees S*B "virtual" sequences, virtual batch index s*B + b.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 
-from .config import (CUTLASS_DSL_VERSION, FA4_VERSION, SPLIT_SOURCES, ForwardVariant,
-                     TileConfig, kernel_source_digest)
+from .config import SPLIT_SOURCES, ForwardVariant, TileConfig
+from .variant import KernelVariant
 
 # Bump when the split launcher's argument convention (forward_split.py) changes.
 SPLIT_ABI = 2  # 2: padded LSE region; out and lse results when the combine is fused
@@ -56,9 +55,14 @@ COMBINE_LOG_MAX_SPLITS = 7
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitVariant:
+class SplitVariant(KernelVariant):
     """The split-KV kernel for `base`, a dense-q variant with seqused_k and no sinks
     (the combine adds sinks once, so no split adds them)."""
+
+    KIND = "sm90_forward_split"
+    ABI = SPLIT_ABI
+    SOURCES = SPLIT_SOURCES  # the base's FORWARD_SOURCES enter through its key
+    SYMBOL_PREFIX = "jax_fa4_fwds_"
 
     base: ForwardVariant
     # FA4's combine kernel runs in the same launcher (results: out, lse, workspace);
@@ -72,28 +76,14 @@ class SplitVariant:
         if b.has_sinks or not b.has_seqused_k or b.has_seqused_q:
             raise ValueError("split-KV variants take seqused_k, no seqused_q, no sinks")
 
-    def as_dict(self) -> dict:
-        return {"kind": "sm90_forward_split", "base": self.base.as_dict(),
-                "fused_combine": self.fused_combine}
+    def key_extras(self) -> dict:
+        # The base's whole key (its kind, ABI and sources too) and the combine kernel's
+        # compiled split limit name the object as well.
+        return {"combine_log_max_splits": COMBINE_LOG_MAX_SPLITS,
+                "base_key": json.loads(self.base.key())}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "SplitVariant":
-        return cls(ForwardVariant.from_dict(d["base"]), d.get("fused_combine", True))
-
-    def key(self) -> str:
-        return json.dumps({"abi": SPLIT_ABI, "fa4": FA4_VERSION,
-                           "combine_log_max_splits": COMBINE_LOG_MAX_SPLITS,
-                           "source": kernel_source_digest(*SPLIT_SOURCES),
-                           "cutlass_dsl": CUTLASS_DSL_VERSION, **self.as_dict(),
-                           "base_key": json.loads(self.base.key())}, sort_keys=True)
-
-    @property
-    def symbol(self) -> str:
-        return "jax_fa4_fwds_" + hashlib.sha256(self.key().encode()).hexdigest()[:20]
-
-    def describe(self) -> str:
-        return (self.base.describe() + ", split-KV"
-                + (" + combine" if self.fused_combine else ""))
+    def describe_parts(self) -> list[str]:
+        return [self.base.describe(), "split-KV" + (" + combine" if self.fused_combine else "")]
 
 
 def decode_variant(v: ForwardVariant, page_size: int | None) -> ForwardVariant:
@@ -160,17 +150,3 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
     if tiles <= SMALL_GRID_TILES:
         s = min(s, math.ceil(SMALL_GRID_WAVE * num_sms / tiles))
     return s
-
-
-def check_num_splits(num_splits, batch: int) -> int | None:
-    """Validates the expert override: None (heuristic) or an int in [1, MAX_SPLITS]."""
-    if num_splits is None:
-        return None
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
-        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
-    if num_splits > MAX_SPLITS:
-        raise ValueError(f"num_splits must be <= {MAX_SPLITS}, got {num_splits}")
-    if num_splits * batch > MAX_GRID_Z:
-        raise ValueError(f"num_splits * batch must be <= {MAX_GRID_Z} (CUDA grid), got "
-                         f"{num_splits} * {batch}")
-    return num_splits

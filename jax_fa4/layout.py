@@ -1,0 +1,72 @@
+"""Row and page layouts of the pure-JAX paths: packed rows <-> padded (B, T) rows,
+pages -> per-sequence keys, per-sequence visibility, and the one window rule every
+pure-JAX mask uses (forward and backward)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def window_visible(q_pos, k_pos, window):
+    """Query at key position q_pos sees key k_pos iff q_pos - left <= k_pos <=
+    q_pos + right (broadcasting arrays; None = unbounded)."""
+    left, right = window
+    vis = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(k_pos)), bool)
+    if left is not None:
+        vis &= k_pos >= q_pos - left
+    if right is not None:
+        vis &= k_pos <= q_pos + right
+    return vis
+
+
+def lengths_mask(len_q, len_k, tq: int, tk: int, window):
+    """(B, 1, tq, tk) visibility for per-sequence lengths, windows bottom-right aligned
+    (FA's convention: query t of a sequence sits at key position len_k - len_q + t)."""
+    t = jnp.arange(tq)[None, :, None]
+    s = jnp.arange(tk)[None, None, :]
+    lq, lk = len_q[:, None, None], len_k[:, None, None]
+    vis = (t < lq) & (s < lk) & window_visible(t + lk - lq, s, window)
+    return vis[:, None]
+
+
+def only_used_keys(x, len_k):
+    """(B, S, K, H) gathered keys or values -> rows at positions >= len_k[b] zeroed.
+    Rows no sequence may see (freed pages, padding, rows past seqused_k) can hold
+    anything, NaN included; masking their logits to -inf is not enough, since the
+    softmax weight 0 times a NaN value is NaN."""
+    keep = jnp.arange(x.shape[1])[None, :] < len_k[:, None]
+    return jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype))
+
+
+def gather_rows(x, starts, width: int):
+    """Packed (total, ...) -> (B, width, ...) rows starts[b] + i (clamped; masked later)."""
+    idx = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, x.shape[0] - 1)
+    return x[idx]
+
+
+def packed_rows(cu_q, len_q, total: int):
+    """For packed rows 0..total-1: (sequence index, position in it, used?)."""
+    r = jnp.arange(total)
+    b = jnp.clip(jnp.searchsorted(cu_q, r, side="right") - 1, 0, cu_q.shape[0] - 2)
+    t = r - cu_q[b]
+    return b, t, (t >= 0) & (t < len_q[b])
+
+
+def unpack_rows(od, lse_d, cu_q, len_q, total: int):
+    """(B, T, N, Hv), (B, N, T) -> packed (total, N, Hv), (N, total); rows outside every
+    sequence's used length get zeros and lse -inf, and so do rows at positions >= T
+    (a sequence longer than max_seqlen_q is truncated, never given another row's
+    result)."""
+    b, t, valid = packed_rows(cu_q, len_q, total)
+    valid &= t < od.shape[1]
+    t = jnp.clip(t, 0, od.shape[1] - 1)
+    o = jnp.where(valid[:, None, None], od[b, t], 0).astype(od.dtype)
+    lse = jnp.where(valid[None, :], lse_d[b, :, t].T, -jnp.inf)
+    return o, lse
+
+
+def gather_pages(cache, page_table):
+    """(pages, page_size, K, H) cache, (B, max_pages) table -> (B, max_pages*page_size, K, H).
+    Page indices must be in range (guard.py clips them before this runs)."""
+    b, mp = page_table.shape
+    x = cache[page_table]
+    return x.reshape(b, mp * cache.shape[1], *cache.shape[2:])
