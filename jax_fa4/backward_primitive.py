@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
-from . import fallback, fallback_backward, sharding
+from . import fallback_backward, sharding
+from .layout import packed_rows
 from .dispatch import BackwardPlan, Unsupported, plan_backward
 from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels.backward_abi import gradient_names, operands, size_dims, workspace_shapes
@@ -59,7 +60,7 @@ def _zero_rows_outside_sequences(grads: dict, a: dict) -> None:
     for side, names in (("q", ("q",)), ("k", ("k", "v"))):
         cu = a[f"cu_seqlens_{side}"]
         used = a.get(f"seqused_{side}", cu[1:] - cu[:-1])
-        _, _, ok = fallback.packed_rows(cu, used, a[side].shape[0])
+        _, _, ok = packed_rows(cu, used, a[side].shape[0])
         for n in names:
             grads[n] = jnp.where(ok[:, None, None], grads[n], 0).astype(grads[n].dtype)
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from . import fallback, fallback_backward, guard
+from .layout import packed_rows
 from .autodiff import fa4_call
 from .dispatch import Route
 from .primitive import FwdParams
@@ -55,7 +56,7 @@ def varlen(route: Route, kind: str, args: dict, *, scale, window, softcap, max_s
         if "cu_seqlens_q" in args:  # the kernel leaves rows outside every sequence unwritten
             cu_q = args["cu_seqlens_q"]
             len_q = args.get("seqused_q", cu_q[1:] - cu_q[:-1])
-            _, _, used = fallback.packed_rows(cu_q, len_q, o.shape[0])
+            _, _, used = packed_rows(cu_q, len_q, o.shape[0])
             o = jnp.where(used[:, None, None], o, 0).astype(o.dtype)
             lse = jnp.where(used[None, :], lse, -jnp.inf)
         return o, lse

@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .layout import (gather_pages, gather_rows, lengths_mask, only_used_keys, packed_rows,
-                     unpack_rows, window_visible)
+from .layout import (gather_pages, gather_rows, lengths_mask, only_used_keys, unpack_rows,
+                     window_visible)
 
 
 def visible_mask(t: int, s: int, window: tuple[int | None, int | None]) -> jax.Array:
