@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .backward_primitive import gradients
-from .primitive import FwdParams, fa4_forward
+from .forward_primitive import FwdParams, fa4_forward
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

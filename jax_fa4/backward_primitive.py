@@ -23,7 +23,7 @@ from .layout import packed_rows
 from .dispatch import BackwardPlan, Unsupported, plan_backward
 from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels.backward_abi import gradient_names, operands, size_dims, workspace_shapes
-from .primitive import FwdParams, kernel_object, mapped_axis_first
+from .forward_primitive import FwdParams, kernel_object, mapped_axis_first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _batch(args, dims, *, params: BwdParams):
 
 
 # ----------------------------------------------------------------------------
-# Registration, in one place (as primitive.py does for the forward).
+# Registration, in one place (as forward_primitive.py does for the forward).
 # ----------------------------------------------------------------------------
 
 fa4_bwd_p.def_impl(_impl)

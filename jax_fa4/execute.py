@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import fallback, fallback_backward, guard
+from . import fallback_backward, fallback_forward, guard
 from .layout import packed_rows
 from .autodiff import fa4_call
 from .dispatch import Route
-from .primitive import FwdParams
+from .forward_primitive import FwdParams
 
 
 def _raise_if_error(route: Route) -> None:
@@ -27,7 +27,7 @@ def dense(route: Route, q, k, v, bias, mask, sinks, *, scale, window, softcap,
         o, lse = fa4_call(args, params)
         return o, jnp.swapaxes(lse, 1, 2)
     if route.path == "jax_nn":
-        is_causal, local = fallback.jax_nn_window(window)
+        is_causal, local = fallback_forward.jax_nn_window(window)
         out = jax.nn.dot_product_attention(
             q, k, v, bias, mask, scale=scale, is_causal=is_causal, local_window_size=local,
             implementation=route.nn_implementation, return_residual=return_residual)
@@ -38,7 +38,7 @@ def dense(route: Route, q, k, v, bias, mask, sinks, *, scale, window, softcap,
     if bias is None and mask is None:  # gradient: the memory-frugal pure-JAX backward
         o, lse = fallback_backward.reference_attention(q, k, v, sinks, scale, window, softcap)
     else:
-        o, lse = fallback.reference_attention(q, k, v, sinks, scale=scale, window=window,
+        o, lse = fallback_forward.reference_attention(q, k, v, sinks, scale=scale, window=window,
                                               softcap=softcap, bias=bias, mask=mask)
     return o, jnp.swapaxes(lse, 1, 2)
 
@@ -60,5 +60,5 @@ def varlen(route: Route, kind: str, args: dict, *, scale, window, softcap, max_s
             o = jnp.where(used[:, None, None], o, 0).astype(o.dtype)
             lse = jnp.where(used[None, :], lse, -jnp.inf)
         return o, lse
-    return fallback.run(kind, args, scale=scale, window=window, softcap=softcap,
+    return fallback_forward.run(kind, args, scale=scale, window=window, softcap=softcap,
                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import fallback
+from . import fallback_forward
 from .layout import gather_pages, gather_rows, only_used_keys, window_visible
 
 # Scores held per chunk step (elements, all heads): bounds the scan's working set.
@@ -175,10 +175,10 @@ def run(kind: str, a: dict, o, lse, do, dlse, *, scale, window, softcap, max_seq
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def reference_attention(q, k, v, sinks, scale, window, softcap):
-    """fallback.reference_attention (dense, top-left windows, no bias/mask) whose
+    """fallback_forward.reference_attention (dense, top-left windows, no bias/mask) whose
     gradient is dense_backward's: the residuals are q, k, v, out and lse, never the
     (T, S) probabilities autodiff of the forward would keep."""
-    return fallback.reference_attention(q, k, v, sinks, scale=scale, window=window,
+    return fallback_forward.reference_attention(q, k, v, sinks, scale=scale, window=window,
                                         softcap=softcap)
 
 

@@ -18,7 +18,8 @@ from jax.test_util import check_grads
 from conftest import has_compiler
 
 import jax_fa4
-from jax_fa4 import fallback, fallback_backward
+from jax_fa4 import fallback_backward
+from jax_fa4 import fallback_forward as fallback
 from jax_fa4.backward_primitive import fa4_bwd_p
 from jax_fa4.dispatch import Unsupported, plan_backward
 from jax_fa4.kernels.backward_abi import workspace_shapes

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import jax_fa4
-from jax_fa4 import primitive
+from jax_fa4 import forward_primitive as primitive
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_cases_memory_safety import CASES  # noqa: E402

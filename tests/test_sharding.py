@@ -32,7 +32,7 @@ from conftest import has_compiler
 import jax_fa4
 from jax_fa4 import sharding
 from jax_fa4.dispatch import DenseCall, plan_dense
-from jax_fa4.primitive import FwdParams
+from jax_fa4.forward_primitive import FwdParams
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

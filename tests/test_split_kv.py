@@ -15,7 +15,8 @@ from conftest import has_compiler
 
 import jax_fa4
 import jax_fa4.api
-from jax_fa4 import split_kv, varlen
+from jax_fa4 import split_primitive as split_kv
+from jax_fa4 import varlen
 from jax_fa4.validate import num_splits as check_num_splits
 from jax_fa4.kernels.split import (DECODE_TILE, MAX_SPLITS,
                                    choose_num_splits, lse_region, split_variant,
@@ -272,7 +273,7 @@ def _paged_shapes(b, kh, hd=128):
 
 def _fwd_params(f, *args):
     """The jax_fa4_fwd primitive's params in f's jaxpr, wherever jit/custom_vjp nest it."""
-    from jax_fa4.primitive import fa4_fwd_p
+    from jax_fa4.forward_primitive import fa4_fwd_p
 
     def walk(jaxpr):
         for e in jaxpr.eqns:
@@ -298,7 +299,7 @@ def test_lowering_replans_a_heuristic_split_count_for_its_shapes():
     """The split count is taken when the call is lowered, from the shapes lowered: a
     shard's (jit's per-shard call, shard_map) or a batch folded by vmap, which fill a
     GPU differently from the shapes the plan saw.  A forced count is kept."""
-    from jax_fa4.primitive import fa4_fwd_p
+    from jax_fa4.forward_primitive import fa4_fwd_p
 
     kw = dict(is_causal=True, implementation="fa4", local_window_size=(100, 0))
     paged = lambda n: functools.partial(jax_fa4.paged_attention, num_splits=n, **kw)  # noqa: E731

@@ -5,7 +5,7 @@ head) leaves most of an H100 idle and reads the cache at a fraction of its bandw
 The split-KV kernel (forward_split.py) gives each block a slice of the key blocks and
 writes float32 partial outputs and log-sum-exps; FA4's combine kernel, launched by the
 same launcher right after it, merges them into the output and LSE (one custom call, two
-kernels).  Calls with attention sinks merge in pure JAX instead (jax_fa4/split_kv.py):
+kernels).  Calls with attention sinks merge in pure JAX instead (jax_fa4/split_primitive.py):
 FA4's combine has no sink term, and the sink must enter exactly once.  Nothing here
 imports cutlass.
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
-from . import fallback, sharding, split_kv
+from . import fallback_forward, sharding, split_primitive
 from .dispatch import KernelPlan, device_reason
 from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels import MissingKernelError, get_object
@@ -72,7 +72,7 @@ def _abstract_eval(q, k, v, *rest, params):
 
 def _fallback(*args, params: FwdParams, platform: str):
     a = dict(zip((n for n, _ in operands(params.plan.variant)), args))
-    return fallback.run(params.kind, a, scale=params.scale, window=params.window,
+    return fallback_forward.run(params.kind, a, scale=params.scale, window=params.window,
                         softcap=params.softcap, max_seqlen_q=params.max_seqlen_q,
                         max_seqlen_k=params.max_seqlen_k, platform=platform)
 
@@ -112,7 +112,7 @@ def _lower_cuda(ctx, *args, params: FwdParams):
         warnings.warn(f"jax_fa4: falling back to pure JAX attention: {reason}", stacklevel=2)
         return _lower_fallback(ctx, *args, params=params, platform="cuda")
     if plan.num_splits > 1:
-        return split_kv.lower(ctx, *args, params=params, obj=obj)
+        return split_primitive.lower(ctx, *args, params=params, obj=obj)
     return jax.ffi.ffi_lowering(TARGET)(
         ctx, *args, **call_attributes(obj, plan.variant.symbol, size_dims(plan.variant),
                                       [plan.window_left, plan.window_right], [params.scale]))
