@@ -16,6 +16,7 @@ import pytest
 from jax.test_util import check_grads
 
 from conftest import has_compiler
+from reference import attention_jnp
 
 import jax_fa4
 from jax_fa4 import fallback_backward
@@ -41,31 +42,10 @@ def _relerr(a, b):
 
 
 def _reference64(q, k, v, sinks, *, scale, window=(None, None), softcap=None):
-    """Attention in the inputs' precision (float64 here), written out independently:
-    (out (B,T,N,Hv), lse (B,N,T)); rows that see nothing give 0 and lse -inf/sink."""
-    b, t, n, _ = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    k, v = jnp.repeat(k, n // kh, axis=2), jnp.repeat(v, n // kh, axis=2)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    i, j = np.arange(t)[:, None], np.arange(s)[None, :]
-    vis = np.ones((t, s), bool)
-    if window[0] is not None:
-        vis &= j >= i - window[0]
-    if window[1] is not None:
-        vis &= j <= i + window[1]
-    logits = jnp.where(vis, logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1)
-    if sinks is not None:
-        m = jnp.maximum(m, sinks[None, :, None])
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
-    p = jnp.exp(logits - m[..., None])
-    l = jnp.sum(p, axis=-1) + (0 if sinks is None else jnp.exp(sinks[None, :, None] - m))
-    ok = l > 0
-    l_safe = jnp.where(ok, l, 1)
-    o = jnp.einsum("bnts,bsnh->btnh", p / l_safe[..., None], v)
-    return o, jnp.where(ok, jnp.log(l_safe) + m, -jnp.inf)
+    """tests/reference.py's attention in the inputs' precision (float64 here): (out
+    (B,T,N,Hv), lse (B,N,T)); rows that see nothing give 0 and lse -inf/sink."""
+    o, lse = attention_jnp(q, k, v, sinks, scale=scale, window=window, softcap=softcap)
+    return o, jnp.swapaxes(lse, 1, 2)
 
 
 # (b, t, s, n, kh, h, hv, options for the reference)

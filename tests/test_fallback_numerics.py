@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import jax_fa4
+from reference import attention64, attention_jnp, visible, window_of
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -45,64 +46,19 @@ ATT = jax.jit(jax_fa4.attention, static_argnames=(
 # float64 NumPy reference
 # ----------------------------------------------------------------------------
 
-def normalize_window(causal, window):
-    """(left, right) with None = unbounded, from is_causal and local_window_size."""
-    if window is None:
-        left = right = None
-    else:
-        if isinstance(window, int):
-            window = (window, window)
-        left, right = (None if w == -1 else w for w in window)
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    return left, right
-
-
-def visible(t, s, causal, window):
-    left, right = normalize_window(causal, window)
-    i = np.arange(t)[:, None]
-    j = np.arange(s)[None, :]
-    m = np.ones((t, s), bool)
-    if left is not None:
-        m &= j >= i - left
-    if right is not None:
-        m &= j <= i + right
-    return m
-
-
 def np_attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None,
                  sinks=None, bias=None, mask=None):
-    """float64 attention.  q (B,T,N,H), k (B,S,K,H), v (B,S,K,Hv), sinks (N,),
-    bias/mask broadcastable to (B,N,T,S).  Returns (out (B,T,N,Hv), lse (B,T,N));
-    rows that see no key and have no sink are NaN (their value is unspecified)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    if scale is None:
-        scale = 1.0 / np.sqrt(h)
-    k = np.repeat(k, g, axis=2)
-    v = np.repeat(v, g, axis=2)
-    logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
-    if softcap is not None:
-        logits = softcap * np.tanh(logits / softcap)
-    if bias is not None:
-        logits = logits + np.broadcast_to(np.asarray(bias, np.float64), logits.shape)
-    vis = np.broadcast_to(visible(t, s, causal, window), logits.shape)
-    if mask is not None:
-        vis = vis & np.broadcast_to(np.asarray(mask, bool), logits.shape)
-    logits = np.where(vis, logits, -np.inf)
-    if sinks is not None:
-        sink = np.broadcast_to(np.asarray(sinks, np.float64)[None, :, None, None], (b, n, t, 1))
-        logits = np.concatenate([logits, sink], axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = logits.max(axis=-1, keepdims=True)
-        p = np.exp(logits - m)
-        l = p.sum(axis=-1, keepdims=True)
-        probs = (p / l)[..., :s]
-        out = np.einsum("bnts,bsnh->btnh", probs, v)
-        lse = (np.log(l) + m)[..., 0]  # (B,N,T)
-    return out, np.swapaxes(lse, 1, 2)
+    """float64 attention (tests/reference.py).  q (B,T,N,H), k (B,S,K,H), v (B,S,K,Hv),
+    sinks (N,), bias/mask broadcastable to (B,N,T,S).  Returns (out (B,T,N,Hv), lse
+    (B,T,N)); rows that see no key and have no sink are NaN (their value is unspecified
+    across paths)."""
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    out, lse = attention64(q, k, v, sinks, scale=scale, window=window_of(causal, window),
+                           softcap=softcap, bias=bias, mask=mask)
+    dead = np.isneginf(lse)
+    out[dead] = np.nan
+    lse = np.where(dead, np.nan, lse)
+    return out, lse
 
 
 def rel_err(x, ref):
@@ -219,7 +175,7 @@ def test_matrix_matches_float64_reference(case):
 
 def test_every_sampled_case_has_rows_to_compare():
     for c in CASES:
-        m = visible(c["t"], c["s"], c["causal"], c["window"])
+        m = visible(c["t"], c["s"], 0, window_of(c["causal"], c["window"]))
         assert c["sinks"] or m.any(axis=1).any(), _case_id(c)
 
 
@@ -475,27 +431,13 @@ def test_eager_and_jit_agree():
 # ----------------------------------------------------------------------------
 
 def jnp_attention(q, k, v, sinks=None, *, scale=None, causal=False, window=None, softcap=None):
-    """Plain float32 jnp attention (independent of jax_fa4) for gradient references.
+    """float32 jnp attention (tests/reference.py) for gradient references.
     Returns (out (B,T,N,Hv), lse (B,T,N))."""
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    if scale is None:
-        scale = 1.0 / np.sqrt(h)
-    k = jnp.repeat(k, g, axis=2)
-    v = jnp.repeat(v, g, axis=2)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, precision="highest") * scale
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    logits = jnp.where(visible(t, s, causal, window), logits, -jnp.inf)
-    if sinks is not None:
-        sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (b, n, t, 1))
-        logits = jnp.concatenate([logits, sink], axis=-1)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    probs = jnp.exp(logits - lse[..., None])[..., :s]
-    out = jnp.einsum("bnts,bsnh->btnh", probs, v, precision="highest")
-    return out, jnp.swapaxes(lse, 1, 2)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    sinks = None if sinks is None else sinks.astype(jnp.float32)
+    return attention_jnp(q, k, v, sinks, scale=scale, window=window_of(causal, window),
+                         softcap=softcap)
 
 
 GRAD_CASES = [

@@ -21,6 +21,7 @@ from jax_fa4 import ffi_target
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_cases import CALLS  # noqa: E402
+from reference import attention_jnp  # noqa: E402
 
 
 def _has_sm90() -> bool:
@@ -40,31 +41,10 @@ pytestmark = [pytest.mark.gpu,
 
 @functools.partial(jax.jit, static_argnames=("scale", "window", "softcap"))
 def reference(q, k, v, sinks, *, scale, window, softcap):
-    """float32 attention written out independently of jax_fa4.  window: top-left
-    (left, right), None unbounded.  Rows with no visible key: zeros, lse = sink/-inf."""
+    """float32 attention (tests/reference.py).  window: top-left (left, right), None
+    unbounded.  Rows with no visible key: zeros, lse = sink/-inf.  lse (B, T, N)."""
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    k = jnp.repeat(k, n // kh, axis=2)
-    v = jnp.repeat(v, n // kh, axis=2)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, precision="highest") * scale
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    i, j = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
-    vis = jnp.ones((t, s), bool)
-    if window[0] is not None:
-        vis &= j >= i - window[0]
-    if window[1] is not None:
-        vis &= j <= i + window[1]
-    logits = jnp.where(vis, logits, -jnp.inf)
-    cols = [logits]
-    if sinks is not None:
-        cols.append(jnp.broadcast_to(sinks[None, :, None, None], (b, n, t, 1)))
-    full = jnp.concatenate(cols, axis=-1)
-    lse = jax.nn.logsumexp(full, axis=-1)  # -inf where nothing is visible
-    p = jnp.where(jnp.isfinite(lse)[..., None], jnp.exp(logits - lse[..., None]), 0.0)
-    o = jnp.einsum("bnts,bsnh->btnh", p, v, precision="highest")
-    return o, jnp.swapaxes(lse, 1, 2)  # lse (B, T, N) like the API
+    return attention_jnp(q, k, v, sinks, scale=scale, window=window, softcap=softcap)
 
 
 def _inputs(case, seed):

@@ -27,7 +27,7 @@ import jax_fa4
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_cases_fuzz  # noqa: E402
-from reference import sequence64, visible  # noqa: E402
+from reference import attention_jnp, sequence64  # noqa: E402
 from test_gpu_forward import _has_sm90, _relerr, _window  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
@@ -183,22 +183,6 @@ def test_fuzz_call(case):
         raise
 
 
-def _ref_jnp(q, k, v, sinks, *, offset, window, scale, softcap):
-    """float32 jnp twin of ref_sequence for gradients (one sequence, Tq > 0)."""
-    tq, n, _ = q.shape
-    tk, kh, _ = k.shape
-    k, v = jnp.repeat(k, n // kh, axis=1), jnp.repeat(v, n // kh, axis=1)
-    s = jnp.einsum("tnh,snh->nts", q, k, precision="highest") * scale
-    if softcap is not None:
-        s = softcap * jnp.tanh(s / softcap)
-    vis = visible(tq, tk, offset, window)
-    s = jnp.where(vis[None], s, -jnp.inf)
-    cols = [s] if sinks is None else [s, jnp.broadcast_to(sinks[:, None, None], (n, tq, 1))]
-    lse = jax.nn.logsumexp(jnp.concatenate(cols, -1), axis=-1)
-    p = jnp.where(jnp.isfinite(lse)[..., None], jnp.exp(s - lse[..., None]), 0.0)
-    return jnp.einsum("nts,snh->tnh", p, v, precision="highest"), lse.T
-
-
 def _check_grads(c, a, sinks, jobs, kw):
     fn = c.get("fn", "attention")
     names = ("query", "key", "value") if fn == "attention" else ("q", "k", "v")
@@ -228,8 +212,10 @@ def _check_grads(c, a, sinks, jobs, kw):
             qi = q[q_rows]
             if qi.shape[0] == 0:
                 continue
-            oi, li = _ref_jnp(qi, kf[krows], vf[krows], s, offset=offset, window=_window(c),
-                              scale=scale, softcap=c.get("logits_soft_cap"))
+            oi, li = attention_jnp(qi[None], kf[krows][None], vf[krows][None], s,
+                                   offset=offset, window=_window(c), scale=scale,
+                                   softcap=c.get("logits_soft_cap"))
+            oi, li = oi[0], li[0]
             o, lse = o.at[out_rows].set(oi), lse.at[out_rows].set(li)
         return loss_of(o, lse)
 
