@@ -43,6 +43,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     q, k, v, sinks, scale, softcap, window = validate.attention_args(
         query, key, value, scale, is_causal, local_window_size, logits_soft_cap, sinks,
         implementation)
+    mask = validate.mask(mask)
     squeeze = q.ndim == 3
     if squeeze:
         q, k, v = q[None], k[None], v[None]
@@ -64,6 +65,7 @@ def _route(query, key, value, bias, mask, scale, is_causal, local_window_size,
     ShapeDtypeStructs)."""
     q, k, v, sinks, scale, softcap, window = validate.attention_args(
         query, key, value, scale, is_causal, local_window_size, logits_soft_cap, sinks, None)
+    validate.mask(mask)
     if q.ndim == 3:
         q, k, v = (jax.ShapeDtypeStruct((1,) + x.shape, x.dtype) for x in (q, k, v))
     return route_dense(_describe(q, k, v, window, softcap, sinks, bias, mask))

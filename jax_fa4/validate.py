@@ -119,6 +119,18 @@ def attention_args(query, key, value, scale, is_causal, local_window_size, logit
             window(is_causal, local_window_size))
 
 
+def mask(m):
+    """A boolean mask (True = visible), as jax.nn requires; an int or float mask (e.g. an
+    additive 0/-inf one) would otherwise be read as 'nonzero = visible'."""
+    if m is None:
+        return None
+    m = as_array(m, "mask")
+    if m.dtype != np.dtype(bool):
+        raise ValueError(f"mask dtype should be bool, but got {m.dtype} (jax.nn's rule; "
+                         "pass an additive mask as bias)")
+    return m
+
+
 def qkv_common(q, k, v, scale, logits_soft_cap, sinks_, impl, is_causal, local_window_size,
                q_name="q"):
     """The options varlen and paged calls share -> (scale, softcap, sinks, window), the

@@ -222,3 +222,15 @@ def test_explain_validates_too():
         jax_fa4.explain(*qkv(n=3, kh=2))
     with pytest.raises(ValueError, match="logits_soft_cap"):
         jax_fa4.explain(*qkv(), logits_soft_cap=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32, jnp.float16])
+def test_non_bool_mask_is_rejected_like_jax_nn(dtype):
+    """An additive 0/-inf (or int) mask must not be read as 'nonzero = visible'."""
+    q = jnp.ones((1, 8, 2, 64), jnp.float16)
+    mask = jnp.zeros((1, 1, 8, 8), dtype)
+    for kw in ({}, {"return_residual": True}, {"implementation": "xla"}):
+        with pytest.raises(ValueError, match="mask dtype should be bool"):
+            jax_fa4.attention(q, q, q, mask=mask, **kw)
+    with pytest.raises(ValueError, match="mask dtype should be bool"):
+        jax_fa4.explain(q, q, q, mask=mask)
