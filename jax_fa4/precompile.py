@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     if args.cache_dir:
         os.environ["JAX_FA4_CACHE_DIR"] = args.cache_dir
     os.environ["JAX_FA4_COMPILE"] = "auto"
+    os.environ.setdefault("JAX_FA4_QUIET", "1")  # workers: this command reports per variant
 
     variants = (variants_from_calls(args.calls, args.backward) if args.calls
                 else variants_from_matrix(args))

@@ -41,6 +41,17 @@ def _relerr(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
+def _sub_jaxprs(params):
+    """The jaxprs inside an equation's params (jax.core.jaxprs_in_params, which jax 0.11
+    removed)."""
+    for v in params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if hasattr(x, "eqns"):
+                yield x
+            elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+                yield x.jaxpr
+
+
 def _reference64(q, k, v, sinks, *, scale, window=(None, None), softcap=None):
     """tests/reference.py's attention in the inputs' precision (float64 here): (out
     (B,T,N,Hv), lse (B,N,T)); rows that see nothing give 0 and lse -inf/sink."""
@@ -115,7 +126,7 @@ def test_chunked_backward_never_holds_a_full_score_matrix():
         for eqn in jp.eqns:
             for var in eqn.outvars:
                 biggest = max(biggest, int(np.prod(getattr(var.aval, "shape", ()))))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in _sub_jaxprs(eqn.params):
                 walk(sub)
 
     walk(jaxpr.jaxpr)

@@ -18,8 +18,10 @@ import logging
 import os
 import pathlib
 import struct
+import sys
 import tempfile
 import threading
+import time
 
 from . import compile as _compiler
 from .errors import MissingKernelError
@@ -94,6 +96,13 @@ def store_to_disk(variant: KernelVariant, obj: bytes) -> None:
         logger.warning("jax_fa4: cannot write kernel cache %s: %s", path, e)
 
 
+def _progress(msg: str) -> None:
+    """First-use compiles take seconds each: say so on stderr (JAX_FA4_QUIET=1 silences;
+    precompile reports per variant itself)."""
+    if os.environ.get("JAX_FA4_QUIET", "") != "1":
+        print(msg, file=sys.stderr, flush=True)
+
+
 def get_object(variant: KernelVariant) -> bytes:
     """The compiled object for `variant`, compiling it if allowed and needed."""
     key = variant.key()
@@ -109,7 +118,11 @@ def get_object(variant: KernelVariant) -> bytes:
                     "with jax_fa4[compile] (no GPU needed): python -m jax_fa4.precompile ..."
                 )
             # Through the module, so that tests can stand in for the compiler.
+            _progress(f"jax_fa4: compiling kernel [{variant.describe()}] for sm_90a "
+                      f"(first use; cached in {cache_dir()}) ...")
+            t0 = time.perf_counter()
             obj = _compiler.compile_variant(variant)
+            _progress(f"jax_fa4: compiled in {time.perf_counter() - t0:.1f} s")
             store_to_disk(variant, obj)
         _memory[key] = obj
         return obj
