@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import execute, validate
-from .api import backward_reason, explain_route
+from .api import explain_route
 from .dispatch import Unsupported, VarlenCall, route_varlen
 from .paged import paged_call
 

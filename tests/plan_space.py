@@ -26,7 +26,6 @@ tests/test_plan_coverage.py fails when a reachable class has no GPU case.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import importlib.util
 import itertools
 import os

@@ -78,7 +78,7 @@ def _inputs(c):
     if fn == "attention":
         q, k, v = (arr(c[n]) for n in ("query", "key", "value"))
         a = dict(query=q, key=k, value=v)
-        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        b, sk = q.shape[0], k.shape[1]
         for i in range(b):
             jobs.append((np.s_[i], (i, slice(None)), i * sk + np.arange(sk), 0))
     elif fn == "varlen_attention":
