@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 
+from .fallback_forward import jax_nn_can_run
 from .kernels.backward_config import MAX_HEAD_DIM as BWD_MAX_HEAD_DIM
 from .kernels.backward_config import BackwardVariant
 from .kernels.config import ForwardVariant, cp_async_tile, sm90_forward_tile
@@ -309,7 +310,8 @@ def route_dense(c: DenseCall, implementation: str | None = None, *,
             reason = str(e)
         if implementation == "fa4":
             return _forced_error(reason)
-    can_nn = c.softcap is None and not c.has_sinks and c.head_dim == c.head_dim_v
+    can_nn = jax_nn_can_run(c.head_dim, c.head_dim_v, softcap=c.softcap,
+                            has_sinks=c.has_sinks)
     if implementation in ("cudnn", "xla"):
         reason = f"implementation={implementation!r}"
         if can_nn:

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from . import fallback_backward, fallback_forward, guard
-from .layout import packed_rows
 from .autodiff import fa4_call
 from .dispatch import Route
 from .forward_primitive import FwdParams
+from .layout import packed_rows
 
 
 def _raise_if_error(route: Route) -> None:
@@ -38,8 +38,9 @@ def dense(route: Route, q, k, v, bias, mask, sinks, *, scale, window, softcap,
     if bias is None and mask is None:  # gradient: the memory-frugal pure-JAX backward
         o, lse = fallback_backward.reference_attention(q, k, v, sinks, scale, window, softcap)
     else:
-        o, lse = fallback_forward.reference_attention(q, k, v, sinks, scale=scale, window=window,
-                                              softcap=softcap, bias=bias, mask=mask)
+        o, lse = fallback_forward.reference_attention(q, k, v, sinks, scale=scale,
+                                                      window=window, softcap=softcap,
+                                                      bias=bias, mask=mask)
     return o, jnp.swapaxes(lse, 1, 2)
 
 

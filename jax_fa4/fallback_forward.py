@@ -66,10 +66,11 @@ def reference_attention(q, k, v, sinks=None, *, scale, window=(None, None), soft
     return o.reshape(b, t, n, hv).astype(q.dtype), lse.reshape(b, n, t)
 
 
-def jax_nn_can_run(q, k, v, *, softcap, has_sinks) -> bool:
+def jax_nn_can_run(head_dim: int, head_dim_v: int, *, softcap, has_sinks) -> bool:
     """Whether `jax.nn.dot_product_attention` expresses the call (no softcap, no sinks,
-    one head dim for K and V)."""
-    return softcap is None and not has_sinks and k.shape[-1] == v.shape[-1]
+    one head dim for K and V): static facts, shared by dispatch.route_dense and the
+    primitive's lowering off the kernel."""
+    return softcap is None and not has_sinks and head_dim == head_dim_v
 
 
 def jax_nn_window(window):
@@ -95,7 +96,7 @@ def dense_fallback(q, k, v, sinks=None, *, scale, window, softcap, platform="cpu
     """
     o_ref, lse = reference_attention(q, k, v, sinks, scale=scale, window=window,
                                      softcap=softcap)
-    if platform != "cuda" or not jax_nn_can_run(q, k, v, softcap=softcap,
+    if platform != "cuda" or not jax_nn_can_run(k.shape[-1], v.shape[-1], softcap=softcap,
                                                    has_sinks=sinks is not None):
         return o_ref, lse
     is_causal, local = jax_nn_window(window)

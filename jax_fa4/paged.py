@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.experimental
+import jax.numpy as jnp
 import numpy as np
 
 from . import execute, validate
@@ -61,7 +62,7 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
                             forced=implementation == "fa4")
     if not return_residual:
         return o
-    return o, (lse.T if call.q_layout == "packed" else jax.numpy.swapaxes(lse, 1, 2))
+    return o, (lse.T if call.q_layout == "packed" else jnp.swapaxes(lse, 1, 2))
 
 
 def paged_call(q, k_cache, v_cache, page_table, seqused_k, cu_seqlens_q, max_seqlen_q, scale,

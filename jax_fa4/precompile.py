@@ -61,17 +61,31 @@ def _spec(x):
     return x
 
 
+def plan_call(call: dict):
+    """The kernel plan of one calls-file entry (arrays as (shape, dtype); 'fn' names the
+    API; `sinks=True` stands for float32 sinks; keys starting with '_', 'lens' and
+    'grad' are a test's own data), or raises dispatch.Unsupported."""
+    import jax
+    import numpy as np
+
+    from . import varlen
+    from .api import kernel_plan
+
+    call = {k: _spec(x) for k, x in call.items()
+            if not k.startswith("_") and k not in ("grad", "lens")}
+    fn = call.pop("fn", "attention")
+    if call.get("sinks") is True:
+        heads = (call.get("query") or call.get("q")).shape[-2]
+        call["sinks"] = jax.ShapeDtypeStruct((heads,), np.float32)
+    return kernel_plan(**call) if fn == "attention" else varlen.kernel_plan(fn, **call)
+
+
 def variants_from_calls(path: str, backward: bool = False) -> list:
     """Variants for the calls listed in `path`'s CALLS: dicts of a function's arguments,
     arrays given as (shape, dtype); 'fn' names the function ('attention' by default,
     'varlen_attention', 'paged_attention'); `sinks=True` stands for float32 sinks; keys
     starting with '_' are ignored (a test's own data).
     backward: also the backward variants their gradients run."""
-    import jax
-    import numpy as np
-
-    from . import varlen
-    from .api import kernel_plan
     from .dispatch import Unsupported, plan_backward
 
     spec = importlib.util.spec_from_file_location("_jax_fa4_calls", path)
@@ -79,17 +93,10 @@ def variants_from_calls(path: str, backward: bool = False) -> list:
     spec.loader.exec_module(mod)
     out = []
     for call in mod.CALLS:
-        # Keys starting with '_' (and 'lens') are a test's own data; 'grad': False marks
-        # a call whose gradient is not taken (no backward kernel to build).
+        # 'grad': False marks a call whose gradient is not taken (no backward to build).
         grad = call.get("grad", True)
-        call = {k: _spec(x) for k, x in call.items()
-                if not k.startswith("_") and k not in ("grad", "lens")}
-        fn = call.pop("fn", "attention")
-        if call.get("sinks") is True:
-            heads = (call.get("query") or call.get("q")).shape[-2]
-            call["sinks"] = jax.ShapeDtypeStruct((heads,), np.float32)
         try:
-            plan = kernel_plan(**call) if fn == "attention" else varlen.kernel_plan(fn, **call)
+            plan = plan_call(call)
             out.append(plan.kernel_variant)
         except Unsupported as e:
             print(f"  (falls back, nothing to build: {e})", file=sys.stderr)

@@ -31,7 +31,7 @@ def run_one(index: int, old: bool) -> None:
         use_old_tiles()
     import gpu_cases_fuzz
     import test_gpu_fuzz
-    from plan_space import plan_call
+    from jax_fa4.precompile import plan_call
 
     case = gpu_cases_fuzz.REPROS[index]
     tile = plan_call(case).variant.tile
@@ -48,7 +48,7 @@ def precompile(cache_dir: str) -> None:
     os.environ["JAX_FA4_CACHE_DIR"] = cache_dir
     use_old_tiles()
     import gpu_cases_fuzz
-    from plan_space import plan_call
+    from jax_fa4.precompile import plan_call
 
     from jax_fa4.kernels.cache import get_object
 

@@ -37,6 +37,7 @@ sys.path.insert(0, HERE)
 from jax_fa4.dispatch import (DenseCall, Unsupported, VarlenCall, plan_backward,  # noqa: E402
                               plan_dense, plan_varlen)
 from jax_fa4.kernels.config import cp_async_rows_per_pass  # noqa: E402
+from jax_fa4.precompile import plan_call  # noqa: E402
 
 HEAD_DIMS = tuple(range(8, 257, 8))
 WINDOWS = {"none": (None, None), "causal": (None, 0), "local": (100, 0),
@@ -179,23 +180,6 @@ def matrix_calls() -> list[tuple[str, dict, bool]]:
     for c in _load("gpu_cases_coverage").CALLS:
         out.append(("gpu_cases_coverage", c, bool(c.get("grad"))))
     return out
-
-
-def plan_call(call: dict):
-    """The plan of a matrix call dict (arrays as (shape, dtype); 'fn' names the API)."""
-    import jax
-    import numpy as np
-
-    from jax_fa4 import api, varlen
-    from jax_fa4.precompile import _spec
-
-    call = {k: _spec(x) for k, x in call.items()
-            if k not in ("lens", "grad") and not k.startswith("_")}
-    fn = call.pop("fn", "attention")
-    if call.get("sinks") is True:
-        heads = (call.get("query") or call.get("q")).shape[-2]
-        call["sinks"] = jax.ShapeDtypeStruct((heads,), np.float32)
-    return api.kernel_plan(**call) if fn == "attention" else varlen.kernel_plan(fn, **call)
 
 
 def matrix_classes() -> dict[tuple, list[str]]:

@@ -21,7 +21,7 @@ from jax_fa4 import ffi_target
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_cases import CALLS  # noqa: E402
-from reference import attention_jnp  # noqa: E402
+from reference import attention_jnp, window_of  # noqa: E402
 
 
 def _has_sm90() -> bool:
@@ -58,11 +58,8 @@ def _inputs(case, seed):
 
 
 def _window(kw):
-    w = kw.get("local_window_size")
-    left, right = (None, None) if w is None else (None if x == -1 else x for x in w)
-    if kw.get("is_causal"):
-        right = 0 if right is None else min(right, 0)
-    return left, right
+    """(left, right) of a case's is_causal / local_window_size (tests/reference.py)."""
+    return window_of(kw.get("is_causal"), kw.get("local_window_size"))
 
 
 def _case_id(c):
