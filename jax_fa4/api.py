@@ -7,60 +7,76 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import execute, validate
-from .dispatch import DenseCall, Unsupported, plan_backward, platform_reason, route_dense
+from .device import platform_reason
+from .dispatch import DenseCall, Unsupported, plan_backward, route_dense
 
 
-def _describe(q, k, v, window, softcap, sinks, bias, mask) -> DenseCall:
+def _describe(q, k, v, window, softcap, sinks, bias, mask, scale, q_len=None,
+              kv_len=None) -> DenseCall:
     q4 = q.shape if q.ndim == 4 else (1,) + q.shape
     k4 = k.shape if k.ndim == 4 else (1,) + k.shape
     return DenseCall(
         dtype=np.dtype(q.dtype).name, batch=q4[0], seq_q=q4[1], seq_k=k4[1], heads_q=q4[2],
         heads_k=k4[2], head_dim=q4[3], head_dim_v=v.shape[-1], window=window, softcap=softcap,
-        has_sinks=sinks is not None, has_bias=bias is not None, has_mask=mask is not None)
+        has_sinks=sinks is not None, has_bias=bias is not None, has_mask=mask is not None,
+        q_lengths=q_len is not None, kv_lengths=kv_len is not None,
+        traced_scale=validate.traced(scale))
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-              local_window_size=None, logits_soft_cap=None, sinks=None, implementation=None,
-              return_residual=False):
+              query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+              logits_soft_cap=None, sinks=None, implementation=None, return_residual=False,
+              return_lse=False):
     """Scaled dot-product attention, FA4's SM90 kernel where it can run.
 
-    Same layout and meaning as `jax.nn.dot_product_attention`: query (B, T, N, H),
+    `jax.nn.dot_product_attention`'s arguments, layout and results: query (B, T, N, H),
     key (B, S, K, H), value (B, S, K, Hv) (or without B), N a multiple of K (GQA/MQA);
-    causal masks and `local_window_size=(left, right)` align query i with key i
-    (top-left), as jax.nn does.  Extras: `logits_soft_cap` c gives logits
-    c * tanh(scale * q.k / c); `sinks` (N,) adds per-head sink logits to each softmax
-    denominator (gpt-oss style), in units of the scaled logits.
+    a bool `mask` (True = visible) and an additive `bias` broadcastable to (B, N, T, S);
+    causal masks and `local_window_size=(left, right)` (ints taken literally, as jax.nn)
+    align query i with key i (top-left); `query_seq_lengths` / `key_value_seq_lengths`
+    (int32 (B,)) pad each sequence (lengths past the padded shape mean all of it).
+    Extras: `logits_soft_cap` c gives logits c * tanh(scale * q.k / c); `sinks` (N,)
+    adds per-head sink logits to each softmax denominator (gpt-oss style), in units of
+    the scaled logits.
+
+    Rows that see no key (padded query rows, or every key masked, padded or outside
+    the window) give zeros and lse -inf on every path (jax.nn's XLA path gives the
+    mean of V there; docs/DESIGN.md).
 
     implementation: None picks FA4 on CUDA SM90 devices when the call is supported, else
     `jax.nn.dot_product_attention`; 'fa4' insists (NotImplementedError saying why it
     can't); 'cudnn' / 'xla' pass through to jax.nn ('xla' with softcap or sinks uses
     jax_fa4's pure-JAX attention).
 
-    return_residual: also return the log-sum-exp of each softmax row, float32, shape
-    (B, T, N) like jax.nn's residual (natural log; it includes the sink term).
-    A row that sees no key gives zeros (lse -inf) on the FA4 path.
+    return_residual: also return jax.nn's residual, the log-sum-exp of each softmax row
+    (B, T, N) in the input dtype, without gradient.  return_lse: also return it in
+    float32 and differentiable (natural log; both include the sink term).
     """
     q, k, v, sinks, scale, softcap, window = validate.attention_args(
         query, key, value, scale, is_causal, local_window_size, logits_soft_cap, sinks,
         implementation)
+    validate.residual_flags(return_residual, return_lse)
     mask = validate.mask(mask)
     squeeze = q.ndim == 3
     if squeeze:
         q, k, v = q[None], k[None], v[None]
         bias = None if bias is None else jnp.asarray(bias)[None]
         mask = None if mask is None else jnp.asarray(mask)[None]
-    route = route_dense(_describe(q, k, v, window, softcap, sinks, bias, mask),
-                        implementation, return_residual=return_residual)
-    o, lse = execute.dense(route, q, k, v, bias, mask, sinks, scale=scale, window=window,
-                           softcap=softcap, return_residual=return_residual,
-                           forced=implementation == "fa4")
+    q_len = validate.seq_lengths(query_seq_lengths, "query_seq_lengths", q.shape[0])
+    kv_len = validate.seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", q.shape[0])
+    route = route_dense(_describe(q, k, v, window, softcap, sinks, bias, mask, scale, q_len,
+                                  kv_len), implementation, wants_lse=return_lse)
+    o, lse = execute.dense(route, q, k, v, bias, mask, sinks, q_len, kv_len, scale=scale,
+                           window=window, softcap=softcap, forced=implementation == "fa4")
     if squeeze:
-        o, lse = o[0], (None if lse is None else lse[0])
-    return (o, lse) if return_residual else o
+        o, lse = o[0], lse[0]
+    if return_residual:
+        return o, jax.lax.stop_gradient(lse).astype(o.dtype)
+    return (o, lse) if return_lse else o
 
 
 def _route(query, key, value, bias, mask, scale, is_causal, local_window_size,
-           logits_soft_cap, sinks):
+           logits_soft_cap, sinks, query_seq_lengths=None, key_value_seq_lengths=None):
     """The route `attention(...)` with implementation=None takes (arrays or
     ShapeDtypeStructs)."""
     q, k, v, sinks, scale, softcap, window = validate.attention_args(
@@ -68,19 +84,22 @@ def _route(query, key, value, bias, mask, scale, is_causal, local_window_size,
     validate.mask(mask)
     if q.ndim == 3:
         q, k, v = (jax.ShapeDtypeStruct((1,) + x.shape, x.dtype) for x in (q, k, v))
-    return route_dense(_describe(q, k, v, window, softcap, sinks, bias, mask))
+    q_len = validate.seq_lengths(query_seq_lengths, "query_seq_lengths", q.shape[0])
+    kv_len = validate.seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", q.shape[0])
+    return route_dense(_describe(q, k, v, window, softcap, sinks, bias, mask, scale, q_len,
+                                 kv_len))
 
 
 def explain(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-            local_window_size=None, logits_soft_cap=None, sinks=None, platform=None,
-            backward=False):
+            query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+            logits_soft_cap=None, sinks=None, platform=None, backward=False):
     """Why `attention(...)` with these arguments would not run the FA4 kernel, or None
     if it would.  Arguments may be arrays or jax.ShapeDtypeStruct.  platform: where it
     would run ('cuda', 'cpu', ...); default: JAX's default backend.  backward=True: why
     its gradient would not run FA4's SM90 backward kernel (the reason starts with
     'backward: ' when only the backward falls back to pure JAX), or None."""
     route = _route(query, key, value, bias, mask, scale, is_causal, local_window_size,
-                   logits_soft_cap, sinks)
+                   logits_soft_cap, sinks, query_seq_lengths, key_value_seq_lengths)
     return explain_route(route, platform=platform, backward=backward)
 
 
@@ -111,12 +130,13 @@ def is_supported(*args, **kwargs) -> bool:
 
 
 def kernel_plan(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                local_window_size=None, logits_soft_cap=None, sinks=None):
+                query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                logits_soft_cap=None, sinks=None):
     """The kernel variant (and runtime window arguments) `attention(...)` would use on
     an SM90 GPU; raises dispatch.Unsupported with the reason if it would fall back.
     Needs no GPU and no compiler: used by `python -m jax_fa4.precompile`."""
     route = _route(query, key, value, bias, mask, scale, is_causal, local_window_size,
-                   logits_soft_cap, sinks)
+                   logits_soft_cap, sinks, query_seq_lengths, key_value_seq_lengths)
     if route.path != "kernel":
         raise Unsupported(route.reason)
     return route.plan

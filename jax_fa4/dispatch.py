@@ -3,13 +3,12 @@
 `plan_dense` is a pure function of static call properties (shapes, dtypes,
 options): it either names the kernel variant and its runtime window arguments or
 gives the reason the kernel cannot run.  The device check (an SM90 GPU) happens
-at lowering time, per platform, in `device_reason`.
+at lowering time, per platform, in device.py.
 """
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 
 from .fallback_forward import jax_nn_can_run
 from .kernels.backward_config import MAX_HEAD_DIM as BWD_MAX_HEAD_DIM
@@ -39,6 +38,9 @@ class DenseCall:
     has_sinks: bool = False
     has_bias: bool = False
     has_mask: bool = False
+    q_lengths: bool = False  # query_seq_lengths given
+    kv_lengths: bool = False  # key_value_seq_lengths given
+    traced_scale: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,10 @@ class KernelPlan:
     # forced num_splits or nothing is split.  Lets the lowering re-plan the count for
     # the shapes it sees (splits_for).
     split_key_blocks: int | None = None
+    # A dense call with key_value_seq_lengths and a window whose right bound is <= 0
+    # (causal): the plain kernel is exact when no query row's window reaches a padded
+    # key, a device-side fact (execute.py checks it, else runs the pure-JAX path).
+    lengths_check: bool = False
 
     @property
     def kernel_variant(self):
@@ -138,6 +144,8 @@ def plan_dense(c: DenseCall) -> KernelPlan:
     if c.has_mask:
         raise Unsupported("an explicit mask is not supported by the FA4 kernel "
                           "(use is_causal / local_window_size)")
+    if c.traced_scale:
+        raise Unsupported("scale is traced; the kernel takes it as a compile-time constant")
     _check_common(c.dtype, c.head_dim, c.head_dim_v, c.heads_q, c.heads_k)
     if min(c.batch, c.seq_q, c.seq_k) == 0:
         raise Unsupported("an empty dimension (batch or sequence length is 0)")
@@ -157,8 +165,33 @@ def plan_dense(c: DenseCall) -> KernelPlan:
                 f"with seq_q={c.seq_q} and seq_k={c.seq_k} the {name} window bound is "
                 f"{w} in FA4's bottom-right-aligned convention; the kernel needs >= 0"
             )
-    plan = _kernel_plan(c, (fa_left, fa_right), cap=c.seq_k + c.seq_q)
+    lengths, check = _dense_lengths(c)
+    plan = _kernel_plan(c, (fa_left, fa_right), cap=c.seq_k + c.seq_q, **lengths)
+    plan = dataclasses.replace(plan, lengths_check=check)
     return _with_splits(plan, c.batch, c.heads_k, c.seq_q, c.seq_k, None, None)
+
+
+def _dense_lengths(c: DenseCall) -> tuple[dict, bool]:
+    """How a dense call carries jax.nn's sequence lengths to the kernel: (seqused
+    flags, whether the device-side check applies).
+
+    FA4 aligns windows bottom-right per sequence (query row t sits at key position
+    t + seqused_k - seqused_q), jax.nn top-left on the padded shape, so seqused goes
+    to the kernel only without a window, where alignment does not matter.  Query
+    lengths alone need no kernel support: padded rows are zeroed after the kernel.
+    With key lengths and a right bound <= 0 (causal), the unpadded kernel is exact
+    whenever no valid query row's window reaches a padded key (always, when each
+    sequence has no more query than key rows): checked on the device."""
+    if not c.kv_lengths:
+        return {}, False
+    left, right = c.window
+    if left is None and right is None:
+        return dict(has_seqused_q=c.q_lengths, has_seqused_k=True), False
+    if right is not None and right <= 0:
+        return {}, True
+    raise Unsupported("key_value_seq_lengths with a window that reaches right of the "
+                      "query (FA4 aligns windows to each sequence's end, jax.nn to the "
+                      "padded start)")
 
 
 def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq_k: int,
@@ -168,7 +201,8 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
     batch) and the key blocks of the longest possible sequence.  A split plan runs the
     decode tile (kernels/split.py: decode_variant)."""
     v = plan.variant
-    if max(v.head_dim, v.head_dim_v) > SPLIT_MAX_HEAD_DIM or v.tile.design not in SPLIT_DESIGNS:
+    if (max(v.head_dim, v.head_dim_v) > SPLIT_MAX_HEAD_DIM or v.tile.design not in SPLIT_DESIGNS
+            or v.has_seqused_q):
         if num_splits not in (None, 1):
             raise Unsupported(f"num_splits={num_splits}: split-KV supports head dims up to "
                               f"{SPLIT_MAX_HEAD_DIM} and the {SPLIT_DESIGNS} kernel designs, "
@@ -296,7 +330,7 @@ def _forced_error(reason: str) -> Route:
 
 
 def route_dense(c: DenseCall, implementation: str | None = None, *,
-                return_residual: bool = False) -> Route:
+                wants_lse: bool = False) -> Route:
     """The route of an `attention` call: the kernel when it can run the call (and
     `implementation` allows it); else jax.nn when it expresses the call (and the call
     wants neither jax_fa4's float32 lse nor float16 on XLA's CPU dot nor a head dim past
@@ -320,7 +354,7 @@ def route_dense(c: DenseCall, implementation: str | None = None, *,
             return Route("error", reason=reason, error=(
                 "implementation='cudnn' cannot apply logits_soft_cap, sinks or a value "
                 "head_dim different from the key's"))
-    if (can_nn and not return_residual and c.dtype != "float16"
+    if (can_nn and not wants_lse and c.dtype != "float16"
             and max(c.head_dim, c.head_dim_v) <= BWD_MAX_HEAD_DIM):
         return Route("jax_nn", reason=reason)
     return Route("reference", reason=reason)
@@ -338,32 +372,6 @@ def route_varlen(c: VarlenCall, implementation: str | None = None) -> Route:
     if implementation == "xla":
         return Route("reference", reason="implementation='xla'")
     return Route("kernel", plan=plan)
-
-
-def platform_reason(platform: str | None) -> str | None:
-    """Why a call placed on `platform` (default: JAX's default backend) cannot run the
-    kernel, or None if it can (see device_reason for the local-device check)."""
-    platform = platform or jax.default_backend()
-    if platform not in ("cuda", "gpu"):
-        return f"the platform is {platform}; the FA4 kernels need a CUDA SM90 GPU"
-    return device_reason()
-
-
-def device_reason() -> str | None:
-    """Why the local CUDA devices cannot run the kernel, or None if they can.
-
-    Without a local CUDA backend (lowering for CUDA from a CPU host, e.g. to export
-    or precompile) we trust the caller that the target is SM90.
-    """
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    for d in devices:
-        cc = getattr(d, "compute_capability", None)
-        if cc is not None and not str(cc).startswith("9"):
-            return f"device {d} has compute capability {cc}; the FA4 kernels need 9.x (Hopper)"
-    return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import fallback_backward, fallback_forward, guard
+from . import fallback_backward, fallback_forward, guard, validate
 from .autodiff import fa4_call
 from .dispatch import Route
 from .forward_primitive import FwdParams
-from .layout import packed_rows
+from .layout import dense_lengths_mask, packed_rows, rows_can_be_empty, rows_seeing_keys
 
 
 def _raise_if_error(route: Route) -> None:
@@ -17,31 +17,87 @@ def _raise_if_error(route: Route) -> None:
         raise NotImplementedError(route.error)
 
 
-def dense(route: Route, q, k, v, bias, mask, sinks, *, scale, window, softcap,
-          return_residual: bool, forced: bool):
-    """(out (B,T,N,Hv), lse (B,T,N) float32 or None) of a 4-D `attention` call."""
+def dense(route: Route, q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, window,
+          softcap, forced: bool):
+    """(out (B,T,N,Hv), lse (B,T,N) float32) of a 4-D `attention` call, under one rule
+    on every path: a query row that sees no key (past query_seq_lengths, or every key
+    masked, padded or outside the window) gives zeros and lse -inf."""
     _raise_if_error(route)
+    b, t, n, _ = q.shape
+    s = k.shape[1]
     if route.path == "kernel":
-        params = FwdParams("dense", route.plan, scale, window, softcap, forced=forced)
-        args = dict(q=q, k=k, v=v) if sinks is None else dict(q=q, k=k, v=v, sinks=sinks)
-        o, lse = fa4_call(args, params)
-        return o, jnp.swapaxes(lse, 1, 2)
+        kernel = lambda: _kernel(route.plan, q, k, v, sinks, q_len, kv_len, scale=scale,  # noqa: E731
+                                 window=window, softcap=softcap, forced=forced)
+        if route.plan.lengths_check:  # causal with key lengths: exact when this holds
+            o, lse = jax.lax.cond(
+                lengths_fit(q_len, kv_len, window, t, s), kernel,
+                lambda: _reference(q, k, v, None, None, sinks, q_len, kv_len, scale=scale,
+                                   window=window, softcap=softcap))
+        else:
+            o, lse = kernel()
+        if q_len is None:
+            return o, lse
+        valid = jnp.arange(t)[None, :] < q_len[:, None]  # the kernel computed or skipped them
+        return _zero_rows(o, lse, jnp.broadcast_to(valid[:, :, None], (b, t, n)))
     if route.path == "jax_nn":
         is_causal, local = fallback_forward.jax_nn_window(window)
-        out = jax.nn.dot_product_attention(
+        o, res = jax.nn.dot_product_attention(
             q, k, v, bias, mask, scale=scale, is_causal=is_causal, local_window_size=local,
-            implementation=route.nn_implementation, return_residual=return_residual)
-        if not return_residual:
-            return out, None
-        o, res = out
-        return o, res.astype(jnp.float32)
-    if bias is None and mask is None:  # gradient: the memory-frugal pure-JAX backward
+            query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
+            implementation=route.nn_implementation, return_residual=True)
+        # jax.nn gives such rows the mean of V (XLA) or zeros (cuDNN); lengths are
+        # jax.nn's own, so the rows to clear are exactly those seeing no key.
+        rows = None
+        if mask is not None or q_len is not None or kv_len is not None or rows_can_be_empty(
+                t, s, window):
+            rows = rows_seeing_keys(b, t, s, n, window, q_len, kv_len, mask)
+        return _zero_rows(o, res.astype(jnp.float32), rows)
+    return _reference(q, k, v, bias, mask, sinks, q_len, kv_len, scale=scale, window=window,
+                      softcap=softcap)
+
+
+def _kernel(plan, q, k, v, sinks, q_len, kv_len, *, scale, window, softcap, forced):
+    """The primitive; lengths clamped to the padded shape (jax.nn's meaning of a length
+    past it), so the kernel never reads past a sequence."""
+    args = dict(q=q, k=k, v=v)
+    if plan.variant.has_seqused_q:
+        args["seqused_q"] = jnp.clip(q_len, 0, q.shape[1])
+    if plan.variant.has_seqused_k:
+        args["seqused_k"] = jnp.clip(kv_len, 0, k.shape[1])
+    if sinks is not None:
+        args["sinks"] = sinks
+    o, lse = fa4_call(args, FwdParams("dense", plan, scale, window, softcap, forced=forced))
+    return o, jnp.swapaxes(lse, 1, 2)
+
+
+def lengths_fit(q_len, kv_len, window, t: int, s: int):
+    """Device-side: no valid query row's window (right bound <= 0, top-left) reaches a
+    key past its sequence's key length, so the unpadded kernel is exact."""
+    lq = jnp.full((kv_len.shape[0],), t) if q_len is None else jnp.clip(q_len, 0, t)
+    return jnp.all(jnp.minimum(lq + window[1], s) <= jnp.clip(kv_len, 0, s))
+
+
+def _reference(q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, window, softcap):
+    """jax_fa4's pure-JAX attention; its rows that see no key already give zeros."""
+    if q_len is not None or kv_len is not None:
+        lengths = dense_lengths_mask(q.shape[1], k.shape[1], q_len, kv_len)
+        mask = lengths if mask is None else (mask & lengths)
+    if bias is None and mask is None and not validate.traced(scale):
+        # the memory-frugal pure-JAX backward
         o, lse = fallback_backward.reference_attention(q, k, v, sinks, scale, window, softcap)
     else:
         o, lse = fallback_forward.reference_attention(q, k, v, sinks, scale=scale,
                                                       window=window, softcap=softcap,
                                                       bias=bias, mask=mask)
     return o, jnp.swapaxes(lse, 1, 2)
+
+
+def _zero_rows(o, lse, rows):
+    """rows (B, T, N) bool or None: where False, out 0 and lse -inf."""
+    if rows is None:
+        return o, lse
+    return (jnp.where(rows[..., None], o, 0).astype(o.dtype),
+            jnp.where(rows, lse, -jnp.inf))
 
 
 def varlen(route: Route, kind: str, args: dict, *, scale, window, softcap, max_seqlen_q,

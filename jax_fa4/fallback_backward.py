@@ -164,7 +164,8 @@ def run(kind: str, a: dict, o, lse, do, dlse, *, scale, window, softcap, max_seq
     if kind == "dense":
         dq, dk, dv, dsinks = dense_backward(a["q"], a["k"], a["v"], o, do, lse, dlse,
                                             a.get("sinks"), scale=scale, softcap=softcap,
-                                            window=window)
+                                            window=window, len_q=a.get("seqused_q"),
+                                            len_k=a.get("seqused_k"))
         return dict(q=dq, k=dk, v=dv, sinks=dsinks)
     if kind == "varlen":
         return varlen_backward(a, o, lse, do, dlse, scale=scale, window=window, softcap=softcap,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .layout import (gather_pages, gather_rows, lengths_mask, only_used_keys, unpack_rows,
-                     window_visible)
+from .layout import (dense_lengths_mask, gather_pages, gather_rows, lengths_mask,
+                     only_used_keys, unpack_rows, window_visible)
 
 
 def visible_mask(t: int, s: int, window: tuple[int | None, int | None]) -> jax.Array:
@@ -84,7 +84,8 @@ def jax_nn_window(window):
     return False, (big if left is None else left, big if right is None else right)
 
 
-def dense_fallback(q, k, v, sinks=None, *, scale, window, softcap, platform="cpu"):
+def dense_fallback(q, k, v, sinks=None, *, scale, window, softcap, platform="cpu",
+                   len_q=None, len_k=None):
     """(out, lse (B,N,T) float32) for the primitive on devices without the kernel.
 
     On CUDA the output comes from jax.nn.dot_product_attention (cuDNN where it accepts
@@ -93,10 +94,14 @@ def dense_fallback(q, k, v, sinks=None, *, scale, window, softcap, platform="cpu
     no gradient), and XLA drops that computation when the LSE is unused.  Elsewhere
     `reference_attention` computes both (it is what jax.nn's XLA path computes, and it
     also runs float16 on CPU, where jax.nn's F16_F16_F32 dot does not lower).
+    len_q/len_k (B,): jax.nn's sequence lengths (rows past len_q give zeros).
     """
+    lengths = None
+    if len_q is not None or len_k is not None:
+        lengths = dense_lengths_mask(q.shape[1], k.shape[1], len_q, len_k)
     o_ref, lse = reference_attention(q, k, v, sinks, scale=scale, window=window,
-                                     softcap=softcap)
-    if platform != "cuda" or not jax_nn_can_run(k.shape[-1], v.shape[-1], softcap=softcap,
+                                     softcap=softcap, mask=lengths)
+    if lengths is not None or platform != "cuda" or not jax_nn_can_run(k.shape[-1], v.shape[-1], softcap=softcap,
                                                    has_sinks=sinks is not None):
         return o_ref, lse
     is_causal, local = jax_nn_window(window)
@@ -155,7 +160,7 @@ def run(kind: str, a: dict, *, scale, window, softcap, max_seqlen_q=None, max_se
     common = dict(scale=scale, window=window, softcap=softcap)
     if kind == "dense":
         return dense_fallback(a["q"], a["k"], a["v"], a.get("sinks"), platform=platform,
-                              **common)
+                              len_q=a.get("seqused_q"), len_k=a.get("seqused_k"), **common)
     if kind == "varlen":
         return varlen_fallback(
             a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a.get("seqused_q"),

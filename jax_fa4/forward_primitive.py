@@ -22,7 +22,8 @@ from jax.extend import core
 from jax.interpreters import batching, mlir
 
 from . import fallback_forward, sharding, split_primitive
-from .dispatch import KernelPlan, device_reason
+from .device import device_reason
+from .dispatch import KernelPlan
 from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels import MissingKernelError, get_object
 from .kernels.forward_abi import operands, size_dims
@@ -143,22 +144,31 @@ def _batch(args, dims, *, params: FwdParams):
 
 
 def _batch_dense(args, dims, params: FwdParams):
-    """Dense: fold the mapped axis into batch, or into heads when sinks are mapped
-    (sinks are per head)."""
+    """Dense: fold the mapped axis into batch (with the sequence lengths), or into heads
+    when sinks are mapped (sinks are per head; lengths must then be unmapped)."""
+    names = [n for n, _ in operands(params.plan.variant)]
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     front = functools.partial(mapped_axis_first, size=size)
-
-    q, k, v = (front(a, d) for a, d in zip(args[:3], dims[:3]))
-    sinks = args[3] if len(args) > 3 else None
-    if sinks is None or dims[3] is None:
+    a = dict(zip(names, args))
+    d = dict(zip(names, dims))
+    q, k, v = (front(a[n], d[n]) for n in ("q", "k", "v"))
+    lengths = [n for n in ("seqused_q", "seqused_k") if n in a]
+    if "sinks" not in a or d["sinks"] is None:
         fold = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
-        o, lse = fa4_forward(dict(q=fold(q), k=fold(k), v=fold(v), sinks=sinks), params)
+        out = dict(q=fold(q), k=fold(k), v=fold(v))
+        out.update({n: fold(front(a[n], d[n])) for n in lengths})
+        if "sinks" in a:
+            out["sinks"] = a["sinks"]
+        o, lse = fa4_forward(out, params)
         return (o.reshape((size, -1) + o.shape[1:]),
                 lse.reshape((size, -1) + lse.shape[1:])), (0, 0)
+    if any(d[n] is not None for n in lengths):
+        raise NotImplementedError("jax_fa4: vmap over both sinks and sequence lengths")
     # (V, B, T, N, H) -> (B, T, V*N, H): head v*N + n still maps to kv head v*K + n//G.
     heads = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (-1, x.shape[-1]))  # noqa: E731
-    sinks = front(sinks, dims[3]).reshape(-1)
-    o, lse = fa4_forward(dict(q=heads(q), k=heads(k), v=heads(v), sinks=sinks), params)
+    out = dict(q=heads(q), k=heads(k), v=heads(v), sinks=front(a["sinks"], d["sinks"]).reshape(-1))
+    out.update({n: a[n] for n in lengths})
+    o, lse = fa4_forward(out, params)
     b, t = o.shape[:2]
     o = jnp.moveaxis(o.reshape(b, t, size, -1, o.shape[-1]), 2, 0)
     lse = jnp.moveaxis(lse.reshape(b, size, -1, t), 1, 0)

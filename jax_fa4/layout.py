@@ -70,3 +70,37 @@ def gather_pages(cache, page_table):
     b, mp = page_table.shape
     x = cache[page_table]
     return x.reshape(b, mp * cache.shape[1], *cache.shape[2:])
+
+
+def dense_lengths_mask(t: int, s: int, q_len, kv_len):
+    """(B, 1, t, s) visibility of jax.nn's sequence lengths (top-left, as jax.nn:
+    query row i < q_len[b], key j < kv_len[b]); None = every row / key."""
+    vis = jnp.ones((1, t, s), bool)
+    if q_len is not None:
+        vis = vis & (jnp.arange(t)[None, :, None] < q_len[:, None, None])
+    if kv_len is not None:
+        vis = vis & (jnp.arange(s)[None, None, :] < kv_len[:, None, None])
+    return vis[:, None]
+
+
+def rows_can_be_empty(t: int, s: int, window) -> bool:
+    """Whether, without masks or lengths, some query row of a (t, s) top-left window
+    sees no key (static: the first and last rows are the extremes)."""
+    left, right = window
+    for row in {0, t - 1} if t else ():
+        lo = 0 if left is None else max(row - left, 0)
+        hi = s - 1 if right is None else min(row + right, s - 1)
+        if lo > hi:
+            return True
+    return False
+
+
+def rows_seeing_keys(b: int, t: int, s: int, n: int, window, q_len=None, kv_len=None,
+                     mask=None):
+    """(B, T, N) bool: query row sees at least one key under the top-left `window`,
+    jax.nn's sequence lengths and a bool `mask` broadcastable to (B, N, T, S)."""
+    vis = window_visible(jnp.arange(t)[:, None], jnp.arange(s)[None, :], window)[None, None]
+    vis = vis & dense_lengths_mask(t, s, q_len, kv_len)
+    if mask is not None:
+        vis = vis & mask
+    return jnp.moveaxis(jnp.broadcast_to(jnp.any(vis, axis=-1), (b, n, t)), 1, 2)

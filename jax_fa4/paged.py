@@ -14,7 +14,8 @@ from .dispatch import VarlenCall, route_varlen
 def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=None,
                     max_seqlen_q=None, scale=None, is_causal=False, local_window_size=None,
                     logits_soft_cap=None, sinks=None, implementation=None,
-                    return_residual=False, check_page_indices=False, num_splits=None):
+                    return_residual=False, return_lse=False, check_page_indices=False,
+                    num_splits=None):
     """Attention of queries against a paged KV cache.
 
     k_cache (num_pages, page_size, K, H), v_cache (num_pages, page_size, K, Hv);
@@ -36,8 +37,8 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
     io_callback checks them when the program runs, before the kernel, and the
     ValueError surfaces as a jax runtime error (jax.errors.JaxRuntimeError) whose
     message contains the ValueError's text.
-    Returns out like q with Hv, and with return_residual lse float32 (B, Tq, N) or
-    (total_q, N).
+    Returns out like q with Hv, and with return_residual (or return_lse: the same
+    here) lse float32 (B, Tq, N) or (total_q, N), differentiable.
 
     Decode (dense q whose query rows per KV head fit one kernel tile) runs split-KV:
     each sequence's keys are cut into num_splits slices processed by separate thread
@@ -60,7 +61,7 @@ def paged_attention(q, k_cache, v_cache, page_table, seqused_k, *, cu_seqlens_q=
                             scale=vals["scale"], window=vals["window"], softcap=vals["softcap"],
                             max_seqlen_q=vals["max_q"], max_seqlen_k=None,
                             forced=implementation == "fa4")
-    if not return_residual:
+    if not (return_residual or return_lse):
         return o
     return o, (lse.T if call.q_layout == "packed" else jnp.swapaxes(lse, 1, 2))
 

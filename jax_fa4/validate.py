@@ -38,9 +38,11 @@ def flag(x, name):
     return bool(x)
 
 
-def window(is_causal, local_window_size):
+def window(is_causal, local_window_size, *, literal=False):
     """Normalizes is_causal and local_window_size to (left, right), None = unbounded
-    (the alignment, top-left or bottom-right, is the caller's convention)."""
+    (the alignment, top-left or bottom-right, is the caller's convention).  FA's
+    convention (varlen, paged): -1 means unbounded.  literal=True (`attention`, as
+    jax.nn): every int is a bound, negative ones too."""
     if local_window_size is None:
         left = right = None
     else:
@@ -55,12 +57,15 @@ def window(is_causal, local_window_size):
                 raise ValueError("local_window_size must be an int or a (left, right) pair, "
                                  f"got {local_window_size!r}")
         for w in pair:
+            if w is None and literal:  # jax_fa4's extension: that side is unbounded
+                continue
             if not isinstance(w, (int, np.integer)) or isinstance(w, bool):
                 raise ValueError(f"local_window_size entries must be ints, got {local_window_size!r}")
-            if w < -1:
+            if w < -1 and not literal:
                 raise ValueError(f"local_window_size entries must be >= -1 (-1 means unbounded), "
                                  f"got {local_window_size!r}")
-        left, right = (None if w == -1 else int(w) for w in pair)
+        left, right = (None if w is None or (w == -1 and not literal) else int(w)
+                       for w in pair)
     if is_causal:
         right = 0 if right is None else min(right, 0)
     return left, right
@@ -89,9 +94,15 @@ def sinks(x, n):
     return x if isinstance(x, jax.ShapeDtypeStruct) else x.astype(jnp.float32)
 
 
+def traced(x) -> bool:
+    """Whether x is a tracer: a value known only when the program runs."""
+    return isinstance(x, jax.core.Tracer)
+
+
 def attention_args(query, key, value, scale, is_causal, local_window_size, logits_soft_cap,
                    sinks_, impl):
-    """`attention`'s arguments -> (q, k, v, sinks, scale, softcap, window top-left)."""
+    """`attention`'s arguments -> (q, k, v, sinks, scale, softcap, window top-left).
+    scale may be traced (as jax.nn allows): it is returned as the tracer."""
     implementation(impl, DENSE_IMPLEMENTATIONS)
     flag(is_causal, "is_causal")
     q, k, v = (as_array(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
@@ -111,12 +122,37 @@ def attention_args(query, key, value, scale, is_causal, local_window_size, logit
         raise ValueError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"query/key/value must be floating point, got {q.dtype}")
-    scale = scalar(scale, "scale")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    if traced(scale):
+        if scale.shape != ():
+            raise ValueError(f"scale must be a scalar, got shape {scale.shape}")
+    else:
+        scale = scalar(scale, "scale")
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
     softcap = scalar(logits_soft_cap, "logits_soft_cap", positive=True)
     return (q, k, v, sinks(sinks_, q.shape[-2]), scale, softcap,
-            window(is_causal, local_window_size))
+            window(is_causal, local_window_size, literal=True))
+
+
+def seq_lengths(x, name, batch: int):
+    """query_seq_lengths / key_value_seq_lengths: int32 (B,) as jax.nn requires."""
+    if x is None:
+        return None
+    x = as_array(x, name)
+    if x.ndim != 1 or x.dtype != jnp.int32 or x.shape[0] != batch:
+        raise ValueError(f"{name} must be int32 of shape (batch,) = ({batch},), got "
+                         f"{x.dtype}{list(x.shape)}")
+    return x
+
+
+def residual_flags(return_residual, return_lse):
+    """attention's two residual options: jax.nn's (rounded, no gradient) or jax_fa4's
+    float32 differentiable lse; at most one."""
+    flag(return_residual, "return_residual")
+    flag(return_lse, "return_lse")
+    if return_residual and return_lse:
+        raise ValueError("pass return_residual (jax.nn's residual: input dtype, no gradient) "
+                         "or return_lse (float32, differentiable), not both")
 
 
 def mask(m):

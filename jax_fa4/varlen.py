@@ -26,7 +26,8 @@ from .paged import paged_call
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k,
                      seqused_q=None, seqused_k=None, scale=None, is_causal=False,
                      local_window_size=None, logits_soft_cap=None, sinks=None,
-                     implementation=None, return_residual=False, num_splits=None):
+                     implementation=None, return_residual=False, return_lse=False,
+                     num_splits=None):
     """Attention over a packed batch of sequences of different lengths.
 
     q (total_q, N, H), k (total_k, K, H), v (total_k, K, Hv); sequence b owns rows
@@ -38,7 +39,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
     out of bounds: cu_seqlens are made non-decreasing and clipped to the rows, seqused
     to its sequence's rows (docs/PAGED.md, "Bad input: what each gets").
     Returns out (total_q, N, Hv) (rows outside every used range are zero) and, with
-    return_residual, lse float32 (total_q, N).  implementation: None, 'fa4' or 'xla'
+    return_residual (or return_lse: the same here) lse float32 (total_q, N),
+    differentiable.  implementation: None, 'fa4' or 'xla'
     (jax_fa4's pure-JAX path).  num_splits: split-KV slices (see paged_attention); packed
     queries run unsplit, so only None or 1 are accepted here.
     """
@@ -49,7 +51,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
                             scale=vals["scale"], window=vals["window"], softcap=vals["softcap"],
                             max_seqlen_q=vals["max_q"], max_seqlen_k=vals["max_k"],
                             forced=implementation == "fa4")
-    return (o, lse.T) if return_residual else o
+    return (o, lse.T) if return_residual or return_lse else o
 
 
 def varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,

@@ -138,6 +138,8 @@ def draw(rng, i):
     c = {"dense": _dense, "varlen": _varlen, "paged": _paged}[kind](rng, dtype, hd, hdv, kvh,
                                                                      group)
     c.update(_options(rng, hd))
+    if kind == "dense" and "local_window_size" in c:  # attention: ints are literal (jax.nn)
+        c["local_window_size"] = tuple(None if w == -1 else w for w in c["local_window_size"])
     c["_seed"] = int(rng.integers(0, 2**31))
     c["_id"] = i
     c["grad"] = bool(kind != "paged" and rng.random() < 1 / 3)

@@ -12,14 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def window_of(causal, window):
-    """(left, right), None unbounded, from is_causal and local_window_size."""
+def window_of(causal, window, literal=False):
+    """(left, right), None unbounded, from is_causal and local_window_size: -1 is
+    unbounded in FA's convention (varlen, paged); literal=True (attention, as jax.nn)
+    takes every int as a bound (None entries stay unbounded)."""
     if window is None:
         left = right = None
     else:
         if isinstance(window, (int, np.integer)):
             window = (window, window)
-        left, right = (None if w == -1 else w for w in window)
+        left, right = (None if w == -1 and not literal else w for w in window)
     if causal:
         right = 0 if right is None else min(right, 0)
     return left, right

@@ -156,7 +156,7 @@ def test_grad_through_primitive_matches_float64(kw):
                 jnp.where(jnp.isfinite(lse), lse, 0))
         return f
 
-    fa = lambda q, k, v, s: jax_fa4.attention(q, k, v, sinks=s, return_residual=True,  # noqa
+    fa = lambda q, k, v, s: jax_fa4.attention(q, k, v, sinks=s, return_lse=True,  # noqa
                                                **kw)
     window = (kw.get("local_window_size") or (None, None))
     if kw.get("is_causal"):

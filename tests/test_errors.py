@@ -29,7 +29,7 @@ def trace(*args, **kwargs):
 
 
 def test_valid_call_traces():
-    out = jax.eval_shape(functools.partial(jax_fa4.attention, return_residual=True), *qkv())
+    out = jax.eval_shape(functools.partial(jax_fa4.attention, return_lse=True), *qkv())
     assert out[0].shape == (2, 16, 4, 64) and out[0].dtype == BF16
     assert out[1].shape == (2, 16, 4) and out[1].dtype == jnp.float32
 

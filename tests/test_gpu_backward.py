@@ -61,7 +61,7 @@ def check_dense_gradients(case):
     w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + (v.shape[3],), np.float32))
     w_lse = jnp.asarray(rng.standard_normal(q.shape[:3], np.float32))
     fa = lambda q, k, v, s: jax_fa4.attention(  # noqa: E731
-        q, k, v, sinks=s, implementation="fa4", return_residual=True, **kw)
+        q, k, v, sinks=s, implementation="fa4", return_lse=True, **kw)
     ref = functools.partial(reference, scale=float(q.shape[-1] ** -0.5), window=_window(kw),
                             softcap=kw.get("logits_soft_cap"))
     argnums = (0, 1, 2, 3) if sinks is not None else (0, 1, 2)
@@ -99,7 +99,7 @@ def check_varlen_gradients(case):
     w_o = jnp.asarray(rng.standard_normal(q.shape[:2] + (v.shape[2],), np.float32))
     w_lse = jnp.asarray(rng.standard_normal(q.shape[:2], np.float32))
     fa = lambda q, k, v, s: jax_fa4.varlen_attention(  # noqa: E731
-        q, k, v, cu, cu, sinks=s, implementation="fa4", return_residual=True, **kw)
+        q, k, v, cu, cu, sinks=s, implementation="fa4", return_lse=True, **kw)
     # Equal q/k lengths per sequence: FA's bottom-right windows are jax.nn's top-left ones.
     window = _window({n: kw[n] for n in ("is_causal", "local_window_size") if n in kw})
     scale = float(q.shape[-1] ** -0.5)

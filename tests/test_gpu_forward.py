@@ -85,7 +85,7 @@ def run_case(case):
     float32 reference: the custom call is in the program, no NaN, rel. error <= 1e-2."""
     (q, k, v), kw = _inputs(case, seed=hash(_case_id(case)) % 2**32)
     f = jax.jit(functools.partial(jax_fa4.attention, implementation="fa4",
-                                  return_residual=True, **kw))
+                                  return_lse=True, **kw))
     compiled = f.lower(q, k, v).compile()
     assert "jax_fa4_cute_call" in compiled.as_text(), "the FA4 custom call is not in the program"
     o, lse = compiled(q, k, v)

@@ -3,7 +3,7 @@ tests/gpu_cases_fuzz.py (JAX_FA4_FUZZ_SEED, JAX_FA4_FUZZ_N) against a float64 re
 with every kernel output poisoned (NaN bytes) before each launch.
 
 Each call: jitted `attention` / `varlen_attention` / `paged_attention` with
-return_residual=True; no NaN anywhere; ‖out−ref‖/‖ref‖ <= 1e-2 and lse within 1e-3 on
+return_lse=True; no NaN anywhere; ‖out−ref‖/‖ref‖ <= 1e-2 and lse within 1e-3 on
 the rows sequences use; rows that see no key are exactly zero; rows outside every
 sequence are zero with lse -inf.  A third of the dense and varlen calls also compare
 jax.grad against a float32 reference's.  A call the API refuses must refuse at trace
@@ -149,7 +149,7 @@ def _api(c):
 def test_fuzz_call(case):
     a, sinks, jobs = _inputs(case)
     kw = _kwargs(case)
-    f = jax.jit(functools.partial(_api(case), return_residual=True, sinks=sinks, **kw))
+    f = jax.jit(functools.partial(_api(case), return_lse=True, sinks=sinks, **kw))
     try:
         compiled = f.lower(**a).compile()
     except (ValueError, NotImplementedError) as e:  # refused at trace time: say why
@@ -198,7 +198,7 @@ def _check_grads(c, a, sinks, jobs, kw):
         return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(lse * w_l)
 
     def fa(q, k, v, s):
-        o, lse = _api(c)(**dict(zip(names, (q, k, v))), **rest, sinks=s, return_residual=True,
+        o, lse = _api(c)(**dict(zip(names, (q, k, v))), **rest, sinks=s, return_lse=True,
                          **kw)
         return loss_of(o, lse)
 

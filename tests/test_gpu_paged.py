@@ -114,7 +114,7 @@ def run_case(case, implementation):
         f = jax.jit(functools.partial(
             jax_fa4.varlen_attention, max_seqlen_q=case["max_seqlen_q"],
             max_seqlen_k=case["max_seqlen_k"], implementation=implementation,
-            return_residual=True, **kw))
+            return_lse=True, **kw))
         args = (q, k, v, cu_q, cu_k)
         extra = {} if used_k is None else {"seqused_k": used_k}
         compiled = f.lower(*args, sinks=sinks, **extra).compile()
@@ -147,7 +147,7 @@ def run_case(case, implementation):
         cu_q = np.concatenate([[0], np.cumsum(lq)]).astype(np.int32)
         extra = dict(cu_seqlens_q=cu_q, max_seqlen_q=tq)
     f = jax.jit(functools.partial(jax_fa4.paged_attention, implementation=implementation,
-                                  return_residual=True, **kw, **extra))
+                                  return_lse=True, **kw, **extra))
     compiled = f.lower(q, kc, vc, table, used, sinks=sinks).compile()
     assert ("jax_fa4_cute_call" in compiled.as_text()) == (implementation == "fa4")
     o, lse = compiled(q, kc, vc, table, used, sinks=sinks)

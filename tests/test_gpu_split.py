@@ -64,7 +64,7 @@ def test_splits_match_reference_and_unsplit(case):
     outs = {}
     for s in SPLITS:
         f = jax.jit(functools.partial(jax_fa4.paged_attention, implementation="fa4",
-                                      return_residual=True, num_splits=s, **kw))
+                                      return_lse=True, num_splits=s, **kw))
         compiled = f.lower(q, kc, vc, table, used, sinks=sinks).compile()
         assert "jax_fa4_cute_call" in compiled.as_text()
         o, lse = compiled(q, kc, vc, table, used, sinks=sinks)

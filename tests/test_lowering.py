@@ -134,7 +134,7 @@ def test_sinks_softcap_and_residual():
     q, k, v = qkv()
     sinks = SDS((4,), jnp.float32)
     f = lambda q, k, v, s: jax_fa4.attention(  # noqa: E731
-        q, k, v, local_window_size=(5, 0), logits_soft_cap=20.0, sinks=s, return_residual=True)
+        q, k, v, local_window_size=(5, 0), logits_soft_cap=20.0, sinks=s, return_lse=True)
     text = lower(f, q, k, v, sinks)
     c = one_call(text)
     assert c.operands == ["%arg0", "%arg1", "%arg2", "%arg3"]

@@ -173,7 +173,7 @@ def run(name, kw, implementation):
     """(out, lse, compiled HLO text) of CASES[name] with arguments kw."""
     call = CASES[name]
     fn = getattr(jax_fa4, call["fn"])
-    f = jax.jit(functools.partial(fn, implementation=implementation, return_residual=True,
+    f = jax.jit(functools.partial(fn, implementation=implementation, return_lse=True,
                                   **_static(call)))
     compiled = f.lower(**kw).compile()
     o, lse = compiled(**kw)

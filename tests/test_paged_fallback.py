@@ -141,7 +141,7 @@ def _varlen_batch(rng, v=3):
 def test_vmap_varlen_matches_loop():
     q, k, v, cu_q, cu_k = _varlen_batch(np.random.default_rng(0))
     f = lambda q, k, v, a, b: jax_fa4.varlen_attention(  # noqa: E731
-        q, k, v, a, b, max_seqlen_q=8, max_seqlen_k=10, is_causal=True, return_residual=True)
+        q, k, v, a, b, max_seqlen_q=8, max_seqlen_k=10, is_causal=True, return_lse=True)
     o, lse = jax.jit(jax.vmap(f))(q, k, v, cu_q, cu_k)
     for i in range(3):
         oi, li = f(q[i], k[i], v[i], cu_q[i], cu_k[i])

@@ -256,7 +256,7 @@ def test_sharded_jit_runs_per_shard_on_cpu(partitioner):
         # batch 8 over 8 devices
         m = mesh((8,), ("data",))
         q, k, v, _ = inputs(8, 128, 4, 2)
-        f = lambda q, k, v: jax_fa4.attention(q, k, v, is_causal=True, return_residual=True)
+        f = lambda q, k, v: jax_fa4.attention(q, k, v, is_causal=True, return_lse=True)
         res["batch"] = check(f, (q, k, v), [put(x, m, P("data")) for x in (q, k, v)])
         # 16 query / 8 KV heads over 8 devices, sinks sharded with the heads, softcap
         m = mesh((8,), ("model",))
