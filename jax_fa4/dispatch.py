@@ -397,6 +397,9 @@ def plan_backward(plan: KernelPlan) -> BackwardPlan:
         raise Unsupported("FA4 has no backward for a paged KV cache")
     if fv.q_layout != fv.kv_layout:
         raise Unsupported("the SM90 backward needs q and k/v in the same layout")
+    if fv.q_layout == "dense" and (fv.has_seqused_q or fv.has_seqused_k):
+        raise Unsupported("FA4's SM90 backward takes sequence lengths only for packed "
+                          "sequences (varlen)")
     if (fv.head_dim, fv.head_dim_v) not in _BWD_HEAD_DIMS:
         raise Unsupported(
             f"head dims ({fv.head_dim}, {fv.head_dim_v}) have no SM90 backward kernel "

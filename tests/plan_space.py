@@ -75,7 +75,11 @@ def forward_classes(plan) -> set[tuple]:
     rows = (cp_async_rows_per_pass(v.head_dim, v.head_dim_v)
             if path == "paged_cpasync" else 0)
     padded = bool(v.head_dim % 16 or v.head_dim_v % 16)
-    return {
+    lengths = set()
+    if v.kv_layout == "dense" and (v.has_seqused_q or v.has_seqused_k):  # jax.nn's lengths
+        lengths = {("lengths", split, "seqused_" + "q" * v.has_seqused_q + "k" * v.has_seqused_k,
+                    v.tile.design)}
+    return lengths | {
         ("structure", path, v.q_layout, split, _tile(v.tile), f"rows{rows}",
          "pad16" if padded else "aligned"),
         ("mask", path, v.q_layout, split, _mask(v)),
@@ -115,6 +119,9 @@ def _dense_calls():
             for sq, sk in ((333, 333), (1, 20000)):  # prefill-like; decode-like (splits)
                 yield DenseCall(dtype, 2, sq, sk, 4 * group, 4, hd, hdv, WINDOWS[mask], cap,
                                 sinks)
+                for ql, kl in ((False, True), (True, True)):  # jax.nn's sequence lengths
+                    yield DenseCall(dtype, 2, sq, sk, 4 * group, 4, hd, hdv, WINDOWS[mask],
+                                    cap, sinks, q_lengths=ql, kv_lengths=kl)
 
 
 def _varlen_calls():
@@ -179,6 +186,8 @@ def matrix_calls() -> list[tuple[str, dict, bool]]:
         out.append(("gpu_cases_backward", c, True))
     for c in _load("gpu_cases_coverage").CALLS:
         out.append(("gpu_cases_coverage", c, bool(c.get("grad"))))
+    for c in _load("gpu_cases_lengths").CALLS:
+        out.append(("gpu_cases_lengths", c, False))
     return out
 
 
@@ -223,13 +232,17 @@ if __name__ == "__main__":
 
 # --------------------------------------------------------------------------- emitting cases
 
-def _window_kwargs(window) -> dict:
+def _window_kwargs(window, dense: bool = False) -> dict:
+    """is_causal / local_window_size for `window`; an unbounded side is None for
+    attention (its ints are literal, as jax.nn's) and -1 for varlen/paged (FA's)."""
     left, right = window
     if window == (None, None):
         return {}
     if window == (None, 0):
         return {"is_causal": True}
-    return {"local_window_size": (-1 if left is None else left, -1 if right is None else right)}
+    free = None if dense else -1
+    return {"local_window_size": (free if left is None else left,
+                                  free if right is None else right)}
 
 
 def case_for(call, num_splits: int, grad: bool) -> dict:
@@ -237,7 +250,7 @@ def case_for(call, num_splits: int, grad: bool) -> dict:
     `call`; `num_splits` pins the split decision of paged dense-q calls."""
     from gpu_cases_paged import paged_case, varlen_case
 
-    kw = _window_kwargs(call.window)
+    kw = _window_kwargs(call.window, dense=isinstance(call, DenseCall))
     if call.softcap is not None:
         kw["logits_soft_cap"] = call.softcap
     if call.has_sinks:

@@ -20,6 +20,8 @@ pc --calls tests/gpu_cases_coverage.py --backward
 pc --calls tests/gpu_cases_fuzz.py --backward
 pc --calls tests/gpu_cases_memcheck.py  # compute-sanitizer cases
 pc --calls tests/gpu_cases_memory_safety.py  # out-of-range metadata (guard.py)
+pc --calls tests/gpu_cases_lengths.py --backward  # jax.nn's sequence lengths
+pc --calls tests/gpu_cases_parity.py --backward  # JAX's own attention tests
 # the paged repros with the tiles planned before the cp.async fix (diagnostic)
 python tests/diag_cp_async_overrun.py --precompile "$dir"
 pc --calls benchmarks/bench_backward.py --backward
