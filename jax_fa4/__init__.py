@@ -6,6 +6,7 @@ launchers, compile, cache) -> csrc (the XLA FFI handler).
 """
 from . import export
 from .api import attention, explain, is_supported
+from .flax_adapter import flax_attention, make_flax_attention
 from .kernels import MissingKernelError
 from .paged_cache import update_paged_cache
 from .paged import paged_attention
@@ -17,7 +18,9 @@ __all__ = [
     "export",
     "explain",
     "explain_call",
+    "flax_attention",
     "is_supported",
+    "make_flax_attention",
     "paged_attention",
     "update_paged_cache",
     "varlen_attention",
