@@ -83,8 +83,15 @@ def test_none_inputs_are_rejected():
 
 @pytest.mark.parametrize("window", [(-2, 0), (0, -5), -3])
 def test_window_below_minus_one(window):
+    """varlen/paged take FA's convention (-1 = unbounded, nothing lower); attention
+    takes jax.nn's (every int is a bound)."""
+    q = jax.ShapeDtypeStruct((16, 4, 64), BF16)
+    cu = jax.ShapeDtypeStruct((3,), jnp.int32)
     with pytest.raises(ValueError, match="local_window_size.*>= -1"):
-        trace(*qkv(), local_window_size=window)
+        jax.eval_shape(functools.partial(jax_fa4.varlen_attention, max_seqlen_q=8,
+                                         max_seqlen_k=8, local_window_size=window),
+                       q, q, q, cu, cu)
+    assert trace(*qkv(), local_window_size=window) is not None
 
 
 @pytest.mark.parametrize("window", [(1, 2, 3), (4,), "ab", 2.5, (2.0, 0), (True, 0), True,
@@ -106,10 +113,15 @@ def test_non_finite_scale(scale):
         trace(*qkv(), scale=scale)
 
 
-def test_scale_must_be_static():
+def test_traced_scale_runs_off_the_kernel():
+    """A traced scale works (as in jax.nn), on the pure-JAX/jax.nn path: the kernel
+    takes the scale as a compile-time constant, and explain says so."""
     q, k, v = (jnp.ones(x.shape, x.dtype) for x in qkv(t=8, s=8))
-    with pytest.raises(ValueError, match="scale"):
-        jax.jit(lambda q, k, v, s: jax_fa4.attention(q, k, v, scale=s))(q, k, v, 0.5)
+    out = jax.jit(lambda q, k, v, s: jax_fa4.attention(q, k, v, scale=s))(q, k, v, 0.5)
+    assert out.shape == q.shape
+    why = []
+    jax.jit(lambda s: why.append(jax_fa4.explain(q, k, v, scale=s, platform="cuda")) or s)(0.5)
+    assert "scale is traced" in why[0]
 
 
 @pytest.mark.parametrize("name", ["scale", "logits_soft_cap"])

@@ -243,7 +243,7 @@ def test_sdpa_dbias_vmap(batch_size):
     _, dbias_ref, _ = vjp(attn)(x, bias, mask)
     _, dbias_ans, _ = vjp(jax.vmap(attn, in_axes=(0, 0, None)))(
         x[:, None], bias[:, None], mask)
-    _close(dbias_ref, dbias_ans[:, 0], 1e-2, 1e-2)
+    _close(dbias_ref, dbias_ans[:, 0], 2e-2, 2e-2)  # bf16: another reduction order
     _, dbias_nn, _ = vjp(lambda x, b, m: jax.nn.dot_product_attention(x, x, x, b, m))(
         x, bias, mask)
     _close(dbias_nn, dbias_ref, 0.1, 0.1)
