@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, diag, memcheck, guard, bench, paged, decode, sweep, loop, gemma,
+# (comma-separated: tests, parity, diag, memcheck, guard, bench, paged, decode, sweep, loop, gemma,
 # hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
 # unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
@@ -32,6 +32,14 @@ if [[ $what == *,tests,* ]]; then
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
   timeout ${TEST_TIMEOUT:-3000} python3 -u tests/gpu_shards.py --out "$OUT" ${GPU_TESTS:-tests} 2>&1 \
     | tee "$OUT/gpu-tests.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,parity,* ]]; then
+  # JAX's own dot_product_attention tests and the Flax adapter (not gpu-marked: they
+  # run on CPU too; here they assert the FA4 path where explain() says it applies)
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout ${PARITY_TIMEOUT:-900} \
+    python3 -m pytest -q -rs -p no:cacheprovider tests/test_jax_nn_parity.py \
+    tests/test_flax.py 2>&1 | tee "$OUT/parity.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,diag,* ]]; then
