@@ -35,10 +35,7 @@ def dense(route: Route, q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, win
                                    window=window, softcap=softcap))
         else:
             o, lse = kernel()
-        if q_len is None:
-            return o, lse
-        valid = jnp.arange(t)[None, :] < q_len[:, None]  # the kernel computed or skipped them
-        return _zero_rows(o, lse, jnp.broadcast_to(valid[:, :, None], (b, t, n)))
+        return _zero_padded_rows(o, lse, q_len)
     if route.path == "jax_nn":
         is_causal, local = fallback_forward.jax_nn_window(window)
         o, res = jax.nn.dot_product_attention(
@@ -52,8 +49,19 @@ def dense(route: Route, q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, win
                 t, s, window):
             rows = rows_seeing_keys(b, t, s, n, window, q_len, kv_len, mask)
         return _zero_rows(o, res.astype(jnp.float32), rows)
-    return _reference(q, k, v, bias, mask, sinks, q_len, kv_len, scale=scale, window=window,
-                      softcap=softcap)
+    o, lse = _reference(q, k, v, bias, mask, sinks, q_len, kv_len, scale=scale, window=window,
+                        softcap=softcap)
+    return _zero_padded_rows(o, lse, q_len)
+
+
+def _zero_padded_rows(o, lse, q_len):
+    """Query rows past query_seq_lengths: zeros and lse -inf, sinks or not (the kernel
+    computed or skipped them; the reference gave them the sink's lse)."""
+    if q_len is None:
+        return o, lse
+    b, t, n = lse.shape
+    valid = jnp.arange(t)[None, :] < q_len[:, None]
+    return _zero_rows(o, lse, jnp.broadcast_to(valid[:, :, None], (b, t, n)))
 
 
 def _kernel(plan, q, k, v, sinks, q_len, kv_len, *, scale, window, softcap, forced):

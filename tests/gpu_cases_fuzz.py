@@ -1,6 +1,7 @@
 """Seeded random calls through the public API for tests/test_gpu_fuzz.py, drawn from the
 whole accepted space: every multiple of 8 from 8 to 256 and 512 for head dims (a value
-head dim that differs now and then), GQA groups 1-16, dense / varlen / paged, Tq 1-16
+head dim that differs now and then), GQA groups 1-16, dense (with and without jax.nn's
+sequence lengths) / varlen / paged, Tq 1-16
 and prefill chunks, sequence lengths 0-20k with empty sequences, pages of 8-256 tokens,
 causal / windows (one- and two-sided, -1 unbounded) / softcap / sinks / scale, fp16 and
 bf16, `num_splits` forced or automatic; a third of the dense and varlen calls also take
@@ -140,6 +141,12 @@ def draw(rng, i):
     c.update(_options(rng, hd))
     if kind == "dense" and "local_window_size" in c:  # attention: ints are literal (jax.nn)
         c["local_window_size"] = tuple(None if w == -1 else w for w in c["local_window_size"])
+    if kind == "dense" and rng.random() < 0.3:  # jax.nn's sequence lengths (some past T/S)
+        (b, t), s = c["query"][0][:2], c["key"][0][1]
+        if rng.random() < 0.6:
+            c["query_seq_lengths"], c["_lq"] = ((b,), "int32"), _lengths(rng, b, t + 1)
+        if rng.random() < 0.8:
+            c["key_value_seq_lengths"], c["_lk"] = ((b,), "int32"), _lengths(rng, b, s + 1)
     c["_seed"] = int(rng.integers(0, 2**31))
     c["_id"] = i
     c["grad"] = bool(kind != "paged" and rng.random() < 1 / 3)

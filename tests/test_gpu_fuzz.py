@@ -78,9 +78,15 @@ def _inputs(c):
     if fn == "attention":
         q, k, v = (arr(c[n]) for n in ("query", "key", "value"))
         a = dict(query=q, key=k, value=v)
-        b, sk = q.shape[0], k.shape[1]
-        for i in range(b):
-            jobs.append((np.s_[i], (i, slice(None)), i * sk + np.arange(sk), 0))
+        (b, t), sk = q.shape[:2], k.shape[1]
+        for name, key in (("query_seq_lengths", "_lq"), ("key_value_seq_lengths", "_lk")):
+            if key in c:
+                a[name] = np.asarray(c[key], np.int32)
+        lq = np.clip(c.get("_lq", [t] * b), 0, t)  # jax.nn's meaning of a length past T/S
+        lk = np.clip(c.get("_lk", [sk] * b), 0, sk)
+        for i in range(b):  # rows past lq[i]: zeros and lse -inf (the reference's start)
+            rows = (i, slice(0, lq[i]))
+            jobs.append((rows, rows, i * sk + np.arange(lk[i]), 0))
     elif fn == "varlen_attention":
         q, k, v = arr(c["q"]), arr(c["k"]), arr(c["v"])
         lq, lk = c["_lq"], c["_lk"]
