@@ -76,7 +76,14 @@ def variant(e: dict) -> ForwardVariant:
 
 # ---------------------------------------------------------------- compile (CPU) ----
 def compile_object(design: str, v: ForwardVariant, symbol: str, split_pv_path: str | None):
-    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    # For sm_90a whatever an earlier compile left in the DSL (compile_variant resets it).
+    from jax_fa4.kernels.compile import target_sm90
+
+    with target_sm90():
+        return _compile_object(design, v, symbol, split_pv_path)
+
+
+def _compile_object(design: str, v: ForwardVariant, symbol: str, split_pv_path: str | None):
     import cuda.bindings.driver as cuda
     import cutlass
     import cutlass.cute as cute

@@ -17,8 +17,9 @@ What the artifact carries and what the deploying host needs:
   the CuTe DSL compiler nor FA4 nor jax_fa4's kernel cache.
 * That host must `import jax_fa4` before calling the deserialized function (importing
   registers the FFI handler for `jax_fa4_cute_call` with XLA), and the handler must
-  find `libcute_dsl_runtime.so`: from the installed nvidia-cutlass-dsl wheel or at
-  the path in `$JAX_FA4_CUTE_RUNTIME`.
+  find `libcute_dsl_runtime.so`: from the installed nvidia-cutlass-dsl-libs-cu13 wheel
+  (`jax_fa4[runtime]`, also in [cuda] and [compile]) or at the path in
+  `$JAX_FA4_CUTE_RUNTIME`.
 * The objects are SM90a code (H100/H200) built against the pinned CuTe DSL runtime,
   and the handler's attribute contract is jax_fa4's own and not versioned yet: deploy
   with the jax_fa4 (and nvidia-cutlass-dsl) versions that exported the artifact.

@@ -15,16 +15,19 @@ _registered = False
 
 
 def runtime_library_path() -> str | None:
-    """libcute_dsl_runtime.so: $JAX_FA4_CUTE_RUNTIME, else the installed
-    nvidia-cutlass-dsl wheel's (found without importing it)."""
+    """libcute_dsl_runtime.so: $JAX_FA4_CUTE_RUNTIME, else the installed CuTe DSL's
+    (found without importing it).  The library lives in the nvidia-cutlass-dsl-libs-cu13
+    (or -cu12) wheel, under the `nvidia_cutlass_dsl` namespace package that wheel shares
+    with the others of the DSL: it is there with jax_fa4[compile], [cuda] or [runtime],
+    and a namespace package may span several site directories, so all are searched."""
     if p := os.environ.get("JAX_FA4_CUTE_RUNTIME"):
         return p
     spec = importlib.util.find_spec("nvidia_cutlass_dsl")
     if spec is None or not spec.submodule_search_locations:
         return None
-    root = pathlib.Path(list(spec.submodule_search_locations)[0])
-    libs = sorted(root.glob("cu*/lib/libcute_dsl_runtime.so"), reverse=True)  # cu13 first
-    return str(libs[0]) if libs else None
+    libs = [lib for root in spec.submodule_search_locations
+            for lib in pathlib.Path(root).glob("cu*/lib/libcute_dsl_runtime.so")]
+    return str(max(libs, key=lambda p: p.parent.parent.name)) if libs else None  # cu13 first
 
 
 def call_attributes(obj: bytes, symbol: str, size_dims, i32_scalars, f32_scalars) -> dict:

@@ -1,6 +1,6 @@
 """Build kernel objects ahead of time, on any host with jax_fa4[compile] (no GPU).
 
-Two ways to say what to build:
+Three ways to say what to build:
 
   # a product of variant properties
   python -m jax_fa4.precompile --dtype bfloat16,float16 --head-dim 64,128,256 \\
@@ -11,6 +11,10 @@ Two ways to say what to build:
   python -m jax_fa4.precompile --calls my_calls.py
   # ... and the backward kernels their gradients need
   python -m jax_fa4.precompile --calls my_calls.py --backward
+
+  # exactly the variants named (what a MissingKernelError under JAX_FA4_COMPILE=never
+  # prints, ready to paste): JSON of the variant's kind and fields
+  python -m jax_fa4.precompile --variant '{"kind":"sm90_forward","dtype":"bfloat16",...}'
 
 Objects go to --cache-dir (default: JAX_FA4_CACHE_DIR or ~/.cache/jax_fa4/kernels);
 copy that directory to the GPU hosts and point JAX_FA4_CACHE_DIR at it there
@@ -121,7 +125,10 @@ def _build(variant_cls: type, variant_dict: dict) -> tuple[str, float, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jax_fa4.precompile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", help="a .py file defining CALLS (see above)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--calls", help="a .py file defining CALLS (see above)")
+    what.add_argument("--variant", action="append", metavar="JSON",
+                      help="one variant's JSON (repeatable); the matrix options are ignored")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--head-dim", default="128", help="comma list; 192/128 for hdim/hdim_v")
     p.add_argument("--group", default="1", help="query heads per KV head")
@@ -138,8 +145,14 @@ def main(argv=None) -> int:
     os.environ["JAX_FA4_COMPILE"] = "auto"
     os.environ.setdefault("JAX_FA4_QUIET", "1")  # workers: this command reports per variant
 
-    variants = (variants_from_calls(args.calls, args.backward) if args.calls
-                else variants_from_matrix(args))
+    if args.variant:
+        from .kernels.compile import variant_from_spec
+
+        variants = [variant_from_spec(spec) for spec in args.variant]
+    elif args.calls:
+        variants = variants_from_calls(args.calls, args.backward)
+    else:
+        variants = variants_from_matrix(args)
     unique = list({v.key(): v for v in variants}.values())
     from .kernels.cache import cache_dir, load_from_disk
 

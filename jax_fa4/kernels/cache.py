@@ -4,7 +4,8 @@ Environment:
   JAX_FA4_CACHE_DIR  on-disk cache (default: $XDG_CACHE_HOME/jax_fa4/kernels,
                      i.e. ~/.cache/jax_fa4/kernels)
   JAX_FA4_COMPILE    "auto" (default: compile what is missing), "never" (only load;
-                     a missing variant raises MissingKernelError naming it)
+                     a missing variant raises MissingKernelError naming it, with
+                     the precompile command that builds it)
 
 Files are written to a temporary name and renamed into place, so concurrent
 writers (several processes precompiling) never expose a partial file, and each
@@ -115,7 +116,9 @@ def get_object(variant: KernelVariant) -> bytes:
                 raise MissingKernelError(
                     f"jax_fa4: kernel variant [{variant.describe()}] ({variant.symbol}) is not "
                     f"in the cache {cache_dir()} and JAX_FA4_COMPILE=never. Build it on a host "
-                    "with jax_fa4[compile] (no GPU needed): python -m jax_fa4.precompile ..."
+                    "with jax_fa4[compile] (no GPU needed; copy the file to this cache if "
+                    "that is another host): "
+                    + _compiler.precompile_command(variant, cache_dir())
                 )
             # Through the module, so that tests can stand in for the compiler.
             _progress(f"jax_fa4: compiling kernel [{variant.describe()}] for sm_90a "
