@@ -271,11 +271,19 @@ def test_sharded_jit_runs_per_shard_on_cpu(partitioner):
         q, k, v, _ = inputs(4, 64, 8, 4)
         res["batch_heads"] = check(f, (q, k, v), [put(x, m, P("data", None, "model"))
                                                   for x in (q, k, v)])
+        # jax.nn's sequence lengths (seqused operands) shard with the batch
+        m = mesh((8,), ("data",))
+        q, k, v, _ = inputs(8, 128, 4, 2)
+        lens = jnp.arange(8, dtype=jnp.int32) * 17
+        h = lambda q, k, v, l: jax_fa4.attention(q, k, v, query_seq_lengths=l,
+                                                 key_value_seq_lengths=l)
+        res["lengths"] = check(h, (q, k, v, lens),
+                               [put(x, m, P("data")) for x in (q, k, v, lens)])
         print(json.dumps(res))
     """, partitioner=partitioner)
 
     for name, q_shard in [("batch", "bf16[1,128,4,64]"), ("heads", "bf16[2,128,2,64]"),
-                          ("batch_heads", "bf16[2,64,2,64]")]:
+                          ("batch_heads", "bf16[2,64,2,64]"), ("lengths", "bf16[1,128,4,64]")]:
         r = res[name]
         assert r["custom_partitioning"] == 1, (name, r)
         assert r["sdy_rule"] == (partitioner == "shardy"), (name, r)
@@ -284,6 +292,8 @@ def test_sharded_jit_runs_per_shard_on_cpu(partitioner):
         assert r["entry_shapes"][0] == q_shard, (name, r)  # per-shard parameters
         assert r["err"] == 0.0, (name, r)  # same per-row computation as unsharded
     assert res["batch"]["partitions"][-1]["ops"] == ["P('data', None, None, None)"] * 3
+    assert res["lengths"]["partitions"][-1]["ops"] == (
+        ["P('data', None, None, None)"] * 3 + ["P('data',)"] * 2)
     assert res["batch"]["out_specs"] == ["P('data',)"] * 2
     assert res["heads"]["partitions"][-1]["ops"] == (
         ["P(None, None, 'model', None)"] * 3 + ["P('model',)"])
