@@ -77,7 +77,7 @@ if [[ $what == *,paged,* ]]; then
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,decode,* ]]; then
-  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_decode.py ${DECODE_ARGS:-} \
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_decode.py ${DECODE_ARGS:-} --png "$OUT/decode.png" \
     --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
