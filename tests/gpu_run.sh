@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, parity, diag, memcheck, guard, bench, paged, decode, sweep, loop, gemma,
+# (comma-separated: tests, parity, timeline, diag, memcheck, guard, bench, paged, decode, sweep, loop, gemma,
 # hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
 # unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
@@ -80,6 +80,14 @@ if [[ $what == *,decode,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_decode.py ${DECODE_ARGS:-} --png "$OUT/decode.png" \
     --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,timeline,* ]]; then
+  # every kernel and gap of one decode call (issue 18's shapes) and of a short forward
+  for shape in "decode --b 1 --s 16384" "decode --b 8 --s 32768" "forward --b 32 --s 1024 --causal"; do
+    name=$(echo $shape | tr -d ' -')
+    timeout ${BENCH_TIMEOUT:-600} python3 -u benchmarks/timeline.py $shape \
+      --out "$OUT/timeline_$name.json" 2>&1 | tee -a "$OUT/timeline.log" | quiet | tail -20
+  done
 fi
 if [[ $what == *,hdim512,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_hdim512.py --reps 10 \
