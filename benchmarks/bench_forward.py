@@ -2,6 +2,7 @@
 
   python benchmarks/bench_forward.py --out results.json [--quick]
   python benchmarks/plot_forward.py results.json docs/forward_tflops.png
+  python benchmarks/bench_forward.py --set issue20 --out r.json --png r.png  # issue 20's rows
 
 "jax_fa4" is `jax_fa4.attention` under jax.jit; "cudnn" and "xla" are
 `jax.nn.dot_product_attention(implementation=...)` under jax.jit; "direct" launches
@@ -103,6 +104,7 @@ class DirectLauncher:
 
 def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
     b, s, h, hk, d, causal, dtype = (cfg[k] for k in ("b", "s", "h", "hk", "d", "causal", "dtype"))
+    scale = cfg.get("scale", 1 / math.sqrt(d))
     dt = jnp.dtype(dtype)
     key = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(key[0], (b, s, h, d), dt)
@@ -117,7 +119,7 @@ def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
                 o = jnp.zeros((b, s, h, d), dt)
                 lse = jnp.zeros((b, h, s), jnp.float32)
                 jax.block_until_ready((q, k, v, o, lse))
-                t = direct.time(plan, 1 / math.sqrt(d), [q, k, v, o, lse], reps)
+                t = direct.time(plan, scale, [q, k, v, o, lse], reps)
             else:
                 if name == "xla" and b * h * s * s * 4 * 3 > xla_cap_bytes:
                     raise MemoryError(f"XLA would materialize a >{xla_cap_bytes / 1e9:.0f} GB "
@@ -125,7 +127,7 @@ def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
                 impl = {"jax_fa4": "fa4"}.get(name, name)
                 fn = (jax_fa4.attention if name == "jax_fa4" else jax.nn.dot_product_attention)
                 f = jax.jit(lambda q, k, v, fn=fn, impl=impl: fn(
-                    q, k, v, is_causal=causal, implementation=impl))
+                    q, k, v, scale=scale, is_causal=causal, implementation=impl))
                 t = time_jax(f, (q, k, v), reps)
             res["tflops"][name] = fl / t / 1e12
         except Exception as e:  # record why a backend could not run this shape
@@ -195,11 +197,64 @@ def configs(quick):
     return out
 
 
+def _row(b, s, h, hk, d, causal, label, **kw):
+    return dict(b=b, s=s, h=h, hk=hk, d=d, causal=causal, dtype="bfloat16", label=label, **kw)
+
+
+# Issue 20's rows (its table, the short-sequence / many-batch shapes, head dim 512 at
+# Gemma-4's global shapes, and the two published SM90 forward figures).
+ISSUE20 = (
+    [_row(4, 8192, 16, 16, 128, True, "d128 causal b4 s8k"),
+     _row(4, 8192, 16, 16, 128, False, "d128 b4 s8k"),
+     _row(2, 8192, 16, 16, 64, True, "d64 causal b2 s8k"),
+     _row(4, 4096, 8, 8, 256, True, "d256 causal b4 s4k"),
+     _row(4, 4096, 8, 8, 256, False, "d256 b4 s4k"),
+     _row(32, 1024, 16, 16, 128, True, "d128 causal b32 s1k"),
+     _row(1, 8192, 32, 4, 512, True, "d512 causal b1 s8k 32/4 (Gemma-4)", scale=1.0),
+     _row(4, 4096, 8, 8, 512, True, "d512 causal b4 s4k", scale=1.0),
+     _row(1, 17408, 40, 40, 128, False, "published: d128 h40 s17k"),
+     _row(1, 16384, 32, 2, 256, True, "published: d256 causal 32/2 s16k")]
+    + [_row(b, s, 16, 16, 128, causal, f"short: d128{' causal' if causal else ''} b{b} s{s}")
+       for s, b in ((512, 64), (1024, 32), (2048, 16)) for causal in (True, False)])
+
+# What `python -m jax_fa4.precompile --calls benchmarks/bench_forward.py` builds.
+CALLS = [dict(query=((c["b"], c["s"], c["h"], c["d"]), c["dtype"]),
+              key=((c["b"], c["s"], c["hk"], c["d"]), c["dtype"]),
+              value=((c["b"], c["s"], c["hk"], c["d"]), c["dtype"]), is_causal=c["causal"],
+              **({"scale": c["scale"]} if "scale" in c else {})) for c in ISSUE20]
+
+
+def plot_rows(results, device, path):
+    """Bars of TFLOP/s per shape: jax_fa4 beside cuDNN and XLA."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("jax_fa4", "cudnn", "xla") if any(r["tflops"].get(n) for r in results)]
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(results)), 4.5))
+    w = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        ax.bar([j + i * w for j in range(len(results))],
+               [r["tflops"].get(n) or 0 for r in results], w, label=n)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(results))])
+    ax.set_xticklabels([r.get("label", "") for r in results], rotation=60, ha="right",
+                       fontsize=7)
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"forward attention, bf16, {device}, {time.strftime('%Y-%m-%d')}")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/forward.json")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--set", choices=("default", "issue20"), default="default")
+    p.add_argument("--png", help="bars of TFLOP/s per shape")
     p.add_argument("--backends", default="jax_fa4,cudnn,xla,direct")
     p.add_argument("--tile-sweep", action="store_true",
                    help="only time alternative tiles (SWEEP_TILES) by direct launch")
@@ -214,7 +269,7 @@ def main():
         return
     backends = args.backends.split(",")
     results = []
-    cfgs = configs(args.quick)
+    cfgs = configs(args.quick) if args.set == "default" else ISSUE20
     for i, cfg in enumerate(cfgs, 1):
         r = bench_one(cfg, direct, args.reps, backends)
         results.append(r)
@@ -226,6 +281,8 @@ def main():
         json.dump(dict(device=dev.device_kind, jax=jax.__version__,
                        date=time.strftime("%Y-%m-%d"), results=results), f, indent=1)
     print(f"wrote {args.out}")
+    if args.png:
+        plot_rows(results, dev.device_kind, args.png)
 
 
 if __name__ == "__main__":

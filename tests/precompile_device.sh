@@ -25,6 +25,7 @@ pc --calls tests/gpu_cases_parity.py --backward  # JAX's own attention tests
 # the issue's paged repros with the tiles planned before the cp.async fix (diagnostic)
 python tests/diag_cp_async_overrun.py --precompile "$dir"
 pc --calls benchmarks/bench_backward.py --backward
+pc --calls benchmarks/bench_forward.py  # issue 20's rows (--set issue20)
 pc --dtype bfloat16 --head-dim 64,128,256 --group 1 --mask none,causal  # bench_forward
 # head dim 512: the non-default designs the GPU test and the benchmark launch directly
 python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g; \
