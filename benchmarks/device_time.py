@@ -14,24 +14,29 @@ import tempfile
 import jax
 
 
-def device_time(f, *args):
-    """(span_s, busy_s, kernels) of one run of f(*args), or None if the trace has no GPU
-    kernel events (e.g. on CPU)."""
+def kernel_events(f, *args):
+    """[(name, start_ns, duration_ns)] of the GPU kernels of one run of f(*args) (warm),
+    in start order; [] without GPU kernel events (e.g. on CPU)."""
     jax.block_until_ready(f(*args))  # compiled and warm
     d = tempfile.mkdtemp(prefix="jax_fa4_trace_")
     with jax.profiler.trace(d):
         jax.block_until_ready(f(*args))
     paths = sorted(glob.glob(d + "/**/*.xplane.pb", recursive=True))
-    if not paths:
-        return None
     events = []
-    for plane in jax.profiler.ProfileData.from_file(paths[-1]).planes:
+    for plane in (jax.profiler.ProfileData.from_file(paths[-1]).planes if paths else ()):
         if plane.name.startswith("/device:GPU"):
             for line in plane.lines:
                 if "stream" in line.name.lower():
-                    events += [(e.start_ns, e.duration_ns) for e in line.events]
+                    events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+    return sorted(events, key=lambda e: e[1])
+
+
+def device_time(f, *args):
+    """(span_s, busy_s, kernels) of one run of f(*args), or None if the trace has no GPU
+    kernel events (e.g. on CPU)."""
+    events = kernel_events(f, *args)
     if not events:
         return None
-    start = min(s for s, _ in events)
-    end = max(s + d for s, d in events)
-    return (end - start) * 1e-9, sum(d for _, d in events) * 1e-9, len(events)
+    start = min(s for _, s, _ in events)
+    end = max(s + d for _, s, d in events)
+    return (end - start) * 1e-9, sum(d for _, _, d in events) * 1e-9, len(events)

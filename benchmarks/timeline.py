@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import glob
 import json
 import os
-import tempfile
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,23 +27,8 @@ import numpy as np
 
 import jax_fa4
 
-
-def kernel_events(f, *args):
-    """[(name, start_ns, duration_ns)] of the GPU kernels of one run of f(*args) (warm),
-    in start order; [] without GPU events (e.g. on CPU)."""
-    jax.block_until_ready(f(*args))
-    d = tempfile.mkdtemp(prefix="jax_fa4_timeline_")
-    with jax.profiler.trace(d):
-        jax.block_until_ready(f(*args))
-    paths = sorted(glob.glob(d + "/**/*.xplane.pb", recursive=True))
-    events = []
-    for path in paths[-1:]:
-        for plane in jax.profiler.ProfileData.from_file(path).planes:
-            if plane.name.startswith("/device:GPU"):
-                for line in plane.lines:
-                    if "stream" in line.name.lower():
-                        events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-    return sorted(events, key=lambda e: e[1])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_time import kernel_events  # noqa: E402
 
 
 def breakdown(events):

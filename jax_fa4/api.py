@@ -2,6 +2,8 @@
 carry the route out (execute.py)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,16 +13,50 @@ from .device import platform_reason
 from .dispatch import DenseCall, Unsupported, plan_backward, route_dense
 
 
-def _describe(q, k, v, window, softcap, sinks, bias, mask, scale, q_len=None,
-              kv_len=None) -> DenseCall:
-    q4 = q.shape if q.ndim == 4 else (1,) + q.shape
-    k4 = k.shape if k.ndim == 4 else (1,) + k.shape
-    return DenseCall(
-        dtype=np.dtype(q.dtype).name, batch=q4[0], seq_q=q4[1], seq_k=k4[1], heads_q=q4[2],
-        heads_k=k4[2], head_dim=q4[3], head_dim_v=v.shape[-1], window=window, softcap=softcap,
-        has_sinks=sinks is not None, has_bias=bias is not None, has_mask=mask is not None,
-        q_lengths=q_len is not None, kv_lengths=kv_len is not None,
-        traced_scale=validate.traced(scale))
+class _Call(NamedTuple):
+    """A validated `attention` call in the 4-D layout and its static description."""
+    q: object
+    k: object
+    v: object
+    bias: object
+    mask: object
+    sinks: object
+    q_len: object
+    kv_len: object
+    scale: object  # a float, or a tracer
+    softcap: float | None
+    window: tuple
+    static: DenseCall
+
+
+def _batched(x):
+    """x with a leading batch axis of 1 (an array or a ShapeDtypeStruct)."""
+    if x is None or isinstance(x, jax.ShapeDtypeStruct):
+        return x if x is None else jax.ShapeDtypeStruct((1,) + x.shape, x.dtype)
+    return jnp.asarray(x)[None]
+
+
+def _prepare(query, key, value, bias, mask, scale, is_causal, local_window_size,
+             logits_soft_cap, sinks, implementation, query_seq_lengths,
+             key_value_seq_lengths) -> _Call:
+    """What `attention` and `explain` both start from: every argument validated, 3-D
+    inputs given their batch axis, the call's static description for route_dense."""
+    q, k, v, sinks, scale, softcap, window = validate.attention_args(
+        query, key, value, scale, is_causal, local_window_size, logits_soft_cap, sinks,
+        implementation)
+    mask = validate.mask(mask)
+    if q.ndim == 3:
+        q, k, v, bias, mask = map(_batched, (q, k, v, bias, mask))
+    b, t, n, h = q.shape
+    q_len = validate.seq_lengths(query_seq_lengths, "query_seq_lengths", b)
+    kv_len = validate.seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", b)
+    static = DenseCall(
+        dtype=np.dtype(q.dtype).name, batch=b, seq_q=t, seq_k=k.shape[1], heads_q=n,
+        heads_k=k.shape[2], head_dim=h, head_dim_v=v.shape[-1], window=window,
+        softcap=softcap, has_sinks=sinks is not None, has_bias=bias is not None,
+        has_mask=mask is not None, q_lengths=q_len is not None,
+        kv_lengths=kv_len is not None, traced_scale=validate.traced(scale))
+    return _Call(q, k, v, bias, mask, sinks, q_len, kv_len, scale, softcap, window, static)
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -52,23 +88,15 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     (B, T, N) in the input dtype, without gradient.  return_lse: also return it in
     float32 and differentiable (natural log; both include the sink term).
     """
-    q, k, v, sinks, scale, softcap, window = validate.attention_args(
-        query, key, value, scale, is_causal, local_window_size, logits_soft_cap, sinks,
-        implementation)
     validate.residual_flags(return_residual, return_lse)
-    mask = validate.mask(mask)
-    squeeze = q.ndim == 3
-    if squeeze:
-        q, k, v = q[None], k[None], v[None]
-        bias = None if bias is None else jnp.asarray(bias)[None]
-        mask = None if mask is None else jnp.asarray(mask)[None]
-    q_len = validate.seq_lengths(query_seq_lengths, "query_seq_lengths", q.shape[0])
-    kv_len = validate.seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", q.shape[0])
-    route = route_dense(_describe(q, k, v, window, softcap, sinks, bias, mask, scale, q_len,
-                                  kv_len), implementation, wants_lse=return_lse)
-    o, lse = execute.dense(route, q, k, v, bias, mask, sinks, q_len, kv_len, scale=scale,
-                           window=window, softcap=softcap, forced=implementation == "fa4")
-    if squeeze:
+    c = _prepare(query, key, value, bias, mask, scale, is_causal, local_window_size,
+                 logits_soft_cap, sinks, implementation, query_seq_lengths,
+                 key_value_seq_lengths)
+    route = route_dense(c.static, implementation, wants_lse=return_lse)
+    o, lse = execute.dense(route, c.q, c.k, c.v, c.bias, c.mask, c.sinks, c.q_len, c.kv_len,
+                           scale=c.scale, window=c.window, softcap=c.softcap,
+                           forced=implementation == "fa4")
+    if jnp.ndim(query) == 3:
         o, lse = o[0], lse[0]
     if return_residual:
         return o, jax.lax.stop_gradient(lse).astype(o.dtype)
@@ -79,15 +107,9 @@ def _route(query, key, value, bias, mask, scale, is_causal, local_window_size,
            logits_soft_cap, sinks, query_seq_lengths=None, key_value_seq_lengths=None):
     """The route `attention(...)` with implementation=None takes (arrays or
     ShapeDtypeStructs)."""
-    q, k, v, sinks, scale, softcap, window = validate.attention_args(
-        query, key, value, scale, is_causal, local_window_size, logits_soft_cap, sinks, None)
-    validate.mask(mask)
-    if q.ndim == 3:
-        q, k, v = (jax.ShapeDtypeStruct((1,) + x.shape, x.dtype) for x in (q, k, v))
-    q_len = validate.seq_lengths(query_seq_lengths, "query_seq_lengths", q.shape[0])
-    kv_len = validate.seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", q.shape[0])
-    return route_dense(_describe(q, k, v, window, softcap, sinks, bias, mask, scale, q_len,
-                                 kv_len))
+    return route_dense(_prepare(query, key, value, bias, mask, scale, is_causal,
+                                local_window_size, logits_soft_cap, sinks, None,
+                                query_seq_lengths, key_value_seq_lengths).static)
 
 
 def explain(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,

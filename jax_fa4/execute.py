@@ -25,6 +25,7 @@ def dense(route: Route, q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, win
     _raise_if_error(route)
     b, t, n, _ = q.shape
     s = k.shape[1]
+    q_len, kv_len = guard.dense_lengths(q_len, kv_len, t, s)
     if route.path == "kernel":
         kernel = lambda: _kernel(route.plan, q, k, v, sinks, q_len, kv_len, scale=scale,  # noqa: E731
                                  window=window, softcap=softcap, forced=forced)
@@ -35,28 +36,28 @@ def dense(route: Route, q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, win
                                    window=window, softcap=softcap))
         else:
             o, lse = kernel()
-        return _zero_padded_rows(o, lse, q_len)
-    if route.path == "jax_nn":
+    elif route.path == "jax_nn":
         is_causal, local = fallback_forward.jax_nn_window(window)
         o, res = jax.nn.dot_product_attention(
             q, k, v, bias, mask, scale=scale, is_causal=is_causal, local_window_size=local,
             query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
             implementation=route.nn_implementation, return_residual=True)
-        # jax.nn gives such rows the mean of V (XLA) or zeros (cuDNN); lengths are
-        # jax.nn's own, so the rows to clear are exactly those seeing no key.
-        rows = None
-        if mask is not None or q_len is not None or kv_len is not None or rows_can_be_empty(
-                t, s, window):
-            rows = rows_seeing_keys(b, t, s, n, window, q_len, kv_len, mask)
-        return _zero_rows(o, res.astype(jnp.float32), rows)
-    o, lse = _reference(q, k, v, bias, mask, sinks, q_len, kv_len, scale=scale, window=window,
-                        softcap=softcap)
+        lse = res.astype(jnp.float32)
+        # jax.nn gives rows that see no key the mean of V (XLA) or zeros (cuDNN); its
+        # lengths are jax.nn's own, so the rows to clear are exactly those.  (Rows past
+        # query_seq_lengths are cleared below, on every path.)
+        if mask is not None or kv_len is not None or rows_can_be_empty(t, s, window):
+            o, lse = _zero_rows(o, lse, rows_seeing_keys(b, t, s, n, window, kv_len, mask))
+    else:
+        o, lse = _reference(q, k, v, bias, mask, sinks, q_len, kv_len, scale=scale,
+                            window=window, softcap=softcap)
     return _zero_padded_rows(o, lse, q_len)
 
 
 def _zero_padded_rows(o, lse, q_len):
-    """Query rows past query_seq_lengths: zeros and lse -inf, sinks or not (the kernel
-    computed or skipped them; the reference gave them the sink's lse)."""
+    """Query rows past query_seq_lengths: zeros and lse -inf, sinks or not, on every
+    path (the kernel computed or skipped them; the reference gave them the sink's lse;
+    jax.nn's rows there are zeros with a finite residual)."""
     if q_len is None:
         return o, lse
     b, t, n = lse.shape
@@ -65,13 +66,12 @@ def _zero_padded_rows(o, lse, q_len):
 
 
 def _kernel(plan, q, k, v, sinks, q_len, kv_len, *, scale, window, softcap, forced):
-    """The primitive; lengths clamped to the padded shape (jax.nn's meaning of a length
-    past it), so the kernel never reads past a sequence."""
+    """The primitive, lengths (clamped by guard.dense_lengths) as seqused operands."""
     args = dict(q=q, k=k, v=v)
     if plan.variant.has_seqused_q:
-        args["seqused_q"] = jnp.clip(q_len, 0, q.shape[1])
+        args["seqused_q"] = q_len
     if plan.variant.has_seqused_k:
-        args["seqused_k"] = jnp.clip(kv_len, 0, k.shape[1])
+        args["seqused_k"] = kv_len
     if sinks is not None:
         args["sinks"] = sinks
     o, lse = fa4_call(args, FwdParams("dense", plan, scale, window, softcap, forced=forced))
@@ -79,10 +79,10 @@ def _kernel(plan, q, k, v, sinks, q_len, kv_len, *, scale, window, softcap, forc
 
 
 def lengths_fit(q_len, kv_len, window, t: int, s: int):
-    """Device-side: no valid query row's window (right bound <= 0, top-left) reaches a
+    """Device-side (lengths clamped): no valid query row's window (right bound <= 0, top-left) reaches a
     key past its sequence's key length, so the unpadded kernel is exact."""
-    lq = jnp.full((kv_len.shape[0],), t) if q_len is None else jnp.clip(q_len, 0, t)
-    return jnp.all(jnp.minimum(lq + window[1], s) <= jnp.clip(kv_len, 0, s))
+    lq = jnp.full((kv_len.shape[0],), t) if q_len is None else q_len
+    return jnp.all(jnp.minimum(lq + window[1], s) <= kv_len)
 
 
 def _reference(q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, window, softcap):
@@ -101,9 +101,7 @@ def _reference(q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, window, soft
 
 
 def _zero_rows(o, lse, rows):
-    """rows (B, T, N) bool or None: where False, out 0 and lse -inf."""
-    if rows is None:
-        return o, lse
+    """rows (B, T, N) bool: where False, out 0 and lse -inf."""
     return (jnp.where(rows[..., None], o, 0).astype(o.dtype),
             jnp.where(rows, lse, -jnp.inf))
 

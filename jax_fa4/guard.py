@@ -15,6 +15,9 @@ fallback, so both compute the same thing from the same (clamped) arguments:
   sequence that starts past the last row, or before its predecessor's end, gets
   fewer rows, possibly none).
 * seqused_q / seqused_k with packed rows: clip(seqused, 0, cu[b+1] - cu[b]).
+* dense `attention`'s query_seq_lengths / key_value_seq_lengths (`dense_lengths`):
+  clip(len, 0, T or S).  That is also jax.nn's meaning of such a length (rows i <
+  len), so every path gets it, and JAX_FA4_UNGUARDED leaves it on.
 
 Valid arguments pass through unchanged.  The ops are elementwise on (B,) / (B+1,) /
 (B, max_pages) int32 arrays (plus a running max over B+1 entries) that XLA fuses into
@@ -59,3 +62,9 @@ def clamped_operands(kind: str, args: dict) -> dict:
         if f"seqused_{side}" in a:
             a[f"seqused_{side}"] = jnp.clip(a[f"seqused_{side}"], 0, cu[1:] - cu[:-1])
     return a
+
+
+def dense_lengths(q_len, kv_len, t: int, s: int):
+    """attention's sequence lengths (int32 (B,) or None) inside [0, T] and [0, S]."""
+    return (None if q_len is None else jnp.clip(q_len, 0, t),
+            None if kv_len is None else jnp.clip(kv_len, 0, s))

@@ -95,12 +95,11 @@ def rows_can_be_empty(t: int, s: int, window) -> bool:
     return False
 
 
-def rows_seeing_keys(b: int, t: int, s: int, n: int, window, q_len=None, kv_len=None,
-                     mask=None):
+def rows_seeing_keys(b: int, t: int, s: int, n: int, window, kv_len=None, mask=None):
     """(B, T, N) bool: query row sees at least one key under the top-left `window`,
-    jax.nn's sequence lengths and a bool `mask` broadcastable to (B, N, T, S)."""
+    jax.nn's key_value_seq_lengths and a bool `mask` broadcastable to (B, N, T, S)."""
     vis = window_visible(jnp.arange(t)[:, None], jnp.arange(s)[None, :], window)[None, None]
-    vis = vis & dense_lengths_mask(t, s, q_len, kv_len)
+    vis = vis & dense_lengths_mask(t, s, None, kv_len)
     if mask is not None:
         vis = vis & mask
     return jnp.moveaxis(jnp.broadcast_to(jnp.any(vis, axis=-1), (b, n, t)), 1, 2)

@@ -25,17 +25,10 @@ import pytest
 
 import jax_fa4
 from jax_fa4.ffi_target import TARGET
+from test_gpu_forward import _has_sm90
 
 
-def _on_sm90() -> bool:
-    try:
-        return any(str(getattr(d, "compute_capability", "")).startswith("9")
-                   for d in jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
-SM90 = _on_sm90()
+SM90 = _has_sm90()
 ON_CPU = jax.default_backend() == "cpu"
 
 
