@@ -1,5 +1,6 @@
 """Decode: K/V read bandwidth of paged_attention against the card's copy bandwidth, split
-(heuristic) vs unsplit (num_splits=1) vs Pallas' GPU paged_attention vs jax_fa4's
+(heuristic) vs the split path as planned before issue 18 ("before": FA4's own combine
+block shape, decode tiles for head dims 64/128 only) vs unsplit (num_splits=1) vs Pallas' GPU paged_attention vs jax_fa4's
 pure-JAX path, all in the same run.
 
   python benchmarks/bench_decode.py --out decode.json --png decode.png
@@ -37,6 +38,7 @@ import numpy as np
 
 import jax_fa4
 from jax_fa4 import varlen
+from jax_fa4.kernels import split
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_time import device_time  # noqa: E402
@@ -44,11 +46,11 @@ from device_time import device_time  # noqa: E402
 HEADS, KV_HEADS, PAGE = 32, 4, 64
 BATCHES, LENGTHS = (1, 8, 32), (4096, 8192, 16384, 32768, 65536, 131072)
 HDIMS, TQS = (128, 256, 512), (1, 4, 8)
-SWEEP = [(1, 32768), (1, 131072), (8, 32768)]  # hdim 128, Tq 1
-SWEEP_SPLITS = (4, 8, 16, 32, 64, 128)
+SWEEP = [(1, 16384), (1, 32768), (1, 131072), (8, 32768)]  # hdim 128, Tq 1
+SWEEP_SPLITS = (4, 8, 12, 16, 20, 24, 28, 33, 40, 66, 128)
 XLA_MAX_TOKENS = 8 * 32768  # the pure-JAX path gathers every page: memory and time
 L2_FLUSH_BYTES = 160e6  # > the H100's 50 MB / H200's 60 MB L2, with margin
-IMPLS = ("split", "unsplit", "pallas", "xla")
+IMPLS = ("split", "before", "unsplit", "pallas", "xla")
 
 
 def _call(b, s, hd, tq=1, num_splits=None):
@@ -124,22 +126,42 @@ def _pallas():
     return paged_attention
 
 
+def _as_before(fn):
+    """fn, planned as before issue 18 (kernels/split.plan_as_before_issue18; read when
+    the call is traced)."""
+    def f(*a):
+        saved = split.DEFAULT_COMBINE, split.DECODE_HEAD_DIMS, split.DECODE_PAGE_SIZES
+        split.plan_as_before_issue18()
+        try:
+            return fn(*a)
+        finally:
+            split.DEFAULT_COMBINE, split.DECODE_HEAD_DIMS, split.DECODE_PAGE_SIZES = saved
+    return f
+
+
 def _impls(args, b, s, tq, plan):
     """(name, attention fn of (q, k, v, table, used), cache layout) to time."""
     fa4 = functools.partial(jax_fa4.paged_attention, is_causal=True)
     out = []
     if "split" in args.impls:
         out.append(("split", functools.partial(fa4, implementation="fa4"), "ours"))
-    if "unsplit" in args.impls and plan.num_splits > 1:  # else the same kernel as "split"
+    # The unsplit kernel and the pure-JAX path are Tq 1 baselines (Tq 4/8 compare the
+    # split path with its own Tq 1 row).
+    if "unsplit" in args.impls and plan.num_splits > 1 and tq == 1:  # else "split"'s kernel
         out.append(("unsplit", functools.partial(fa4, implementation="fa4", num_splits=1),
                     "ours"))
+    if "before" in args.impls:  # the split path as issue 17 left it
+        out.append(("before", _as_before(functools.partial(fa4, implementation="fa4")), "ours"))
     pallas = _pallas()
     if "pallas" in args.impls and tq == 1 and pallas is not None and args.platform == "gpu":
+        # Its default 8 pages per compute block overflow shared memory from 16k keys on
+        # at page 64 (282 KB at hdim 128): 256 keys per block at hdim 128, fewer above.
         def pallas_fn(q, k, v, table, used):  # Pallas does not scale q.k: pre-scale q
             q1 = (q[:, 0] * q.shape[-1] ** -0.5).astype(q.dtype)
-            return pallas(q1, k, v, table, used)[:, None]
+            return pallas(q1, k, v, table, used,
+                          pages_per_compute_block=max(1, 4 * 128 // q.shape[-1]))[:, None]
         out.append(("pallas", pallas_fn, "pallas"))
-    if "xla" in args.impls and b * s <= XLA_MAX_TOKENS:
+    if "xla" in args.impls and b * s <= XLA_MAX_TOKENS and tq == 1:
         out.append(("xla", functools.partial(fa4, implementation="xla"), "ours"))
     return out
 
@@ -196,15 +218,17 @@ def markdown(res: dict) -> str:
     out = [f"copy ceiling: {res.get('ceiling_tb_s', float('nan')):.2f} TB/s", ""]
     for hd, tq in sorted({(r["hdim"], r.get("tq", 1)) for r in res["rows"]}):
         out += [f"hdim {hd}, Tq {tq}:", "",
-                "| b | seqused | S | split | unsplit | pallas | xla | split / unsplit |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| b | seqused | S | split | before (issue 17) | unsplit | pallas | xla "
+                "| split / unsplit |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in res["rows"] if r["hdim"] == hd and r.get("tq", 1) == tq):
             tb, us = r["tb_s"], r["us"]
             cell = lambda k: f"{tb[k]:.2f} ({us[k]:.0f} µs)" if k in tb else "—"  # noqa: E731
             ratio = (f"{us['unsplit'] / us['split']:.1f}×" if "unsplit" in us and "split" in us
                      else "same kernel")
             out.append(f"| {r['b']} | {r['seqused'] // 1024}k | {r['splits']} | {cell('split')} "
-                       f"| {cell('unsplit')} | {cell('pallas')} | {cell('xla')} | {ratio} |")
+                       f"| {cell('before')} | {cell('unsplit')} | {cell('pallas')} | {cell('xla')} "
+                       f"| {ratio} |")
         out.append("")
     for r in res["rows"]:
         if "sweep" in r:
@@ -227,8 +251,8 @@ def plot(res: dict, path: str) -> None:
         rows = [r for r in res["rows"] if r["hdim"] == hd]
         for b in sorted({r["b"] for r in rows}):
             for tq in sorted({r.get("tq", 1) for r in rows}):
-                for name, style in (("split", "-"), ("unsplit", ":"), ("pallas", "--"),
-                                    ("xla", "-.")):
+                for name, style in (("split", "-"), ("before", (0, (1, 1))), ("unsplit", ":"),
+                                    ("pallas", "--"), ("xla", "-.")):
                     if name != "split" and tq != 1:
                         continue
                     pts = sorted((r["seqused"], r["tb_s"][name]) for r in rows

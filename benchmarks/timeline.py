@@ -89,7 +89,13 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--out", default="benchmarks/results/timeline.json")
+    p.add_argument("--no-trace", action="store_true",
+                   help="run the decode program once, untraced (for ncu)")
     a = p.parse_args()
+    if a.no_trace:
+        prog, args = decode_program(a.b, a.s, a.hdim, a.layers, tq=a.tq)
+        jax.block_until_ready(prog(*args))
+        return
     dev = jax.devices()[0]
     res = dict(device=dev.device_kind, jax=jax.__version__, args=vars(a))
     if a.what == "decode":

@@ -223,4 +223,14 @@ CALLS = [
     {'fn': 'paged_attention', 'k_cache': ((34, 128, 2, 72), 'bfloat16'), 'v_cache': ((34, 128, 2, 72), 'bfloat16'), 'page_table': ((3, 9), 'int32'), 'seqused_k': ((3,), 'int32'), 'is_causal': True, 'q': ((15, 2, 72), 'bfloat16'), 'cu_seqlens_q': ((4,), 'int32'), 'max_seqlen_q': 5},
     {'fn': 'paged_attention', 'k_cache': ((31, 144, 2, 80), 'bfloat16'), 'v_cache': ((31, 144, 2, 80), 'bfloat16'), 'page_table': ((3, 8), 'int32'), 'seqused_k': ((3,), 'int32'), 'q': ((15, 2, 80), 'bfloat16'), 'cu_seqlens_q': ((4,), 'int32'), 'max_seqlen_q': 5},
     {'fn': 'paged_attention', 'k_cache': ((31, 144, 2, 72), 'bfloat16'), 'v_cache': ((31, 144, 2, 72), 'bfloat16'), 'page_table': ((3, 8), 'int32'), 'seqused_k': ((3,), 'int32'), 'q': ((15, 2, 72), 'bfloat16'), 'cu_seqlens_q': ((4,), 'int32'), 'max_seqlen_q': 5},
+    # issue 18: decode tiles for head dims 96/192/256 and 128-token pages
+    {'query': ((2, 1, 2, 208), 'bfloat16'), 'key': ((2, 4097, 2, 208), 'bfloat16'), 'value': ((2, 4097, 2, 208), 'bfloat16')},
+    {'fn': 'paged_attention', 'k_cache': ((34, 128, 2, 112), 'bfloat16'), 'v_cache': ((34, 128, 2, 112), 'bfloat16'), 'page_table': ((3, 9), 'int32'), 'seqused_k': ((3,), 'int32'), 'q': ((3, 1, 2, 112), 'bfloat16'), 'num_splits': 10},
+    {'fn': 'paged_attention', 'k_cache': ((61, 64, 2, 208), 'bfloat16'), 'v_cache': ((61, 64, 2, 208), 'bfloat16'), 'page_table': ((3, 18), 'int32'), 'seqused_k': ((3,), 'int32'), 'q': ((3, 1, 2, 208), 'bfloat16'), 'num_splits': 10},
+    {'fn': 'paged_attention', 'k_cache': ((34, 128, 2, 16), 'bfloat16'), 'v_cache': ((34, 128, 2, 16), 'bfloat16'), 'page_table': ((3, 9), 'int32'), 'seqused_k': ((3,), 'int32'), 'q': ((3, 1, 2, 16), 'bfloat16'), 'num_splits': 10},
+    {'fn': 'paged_attention', 'k_cache': ((34, 128, 2, 192), 'bfloat16'), 'v_cache': ((34, 128, 2, 192), 'bfloat16'), 'page_table': ((3, 9), 'int32'), 'seqused_k': ((3,), 'int32'), 'q': ((3, 1, 2, 192), 'bfloat16'), 'num_splits': 10},
+    {'fn': 'paged_attention', 'k_cache': ((34, 128, 2, 192), 'bfloat16'), 'v_cache': ((34, 128, 2, 192), 'bfloat16'), 'page_table': ((3, 9), 'int32'), 'seqused_k': ((3,), 'int32'), 'sinks': True, 'q': ((3, 1, 2, 192), 'bfloat16'), 'num_splits': 10},
+    {'fn': 'paged_attention', 'k_cache': ((34, 128, 2, 128), 'bfloat16'), 'v_cache': ((34, 128, 2, 128), 'bfloat16'), 'page_table': ((3, 9), 'int32'), 'seqused_k': ((3,), 'int32'), 'sinks': True, 'q': ((3, 1, 2, 128), 'bfloat16'), 'num_splits': 10},
+    {'fn': 'paged_attention', 'k_cache': ((34, 128, 2, 64), 'bfloat16'), 'v_cache': ((34, 128, 2, 64), 'bfloat16'), 'page_table': ((3, 9), 'int32'), 'seqused_k': ((3,), 'int32'), 'sinks': True, 'q': ((3, 1, 2, 64), 'bfloat16'), 'num_splits': 10},
+    {'fn': 'paged_attention', 'k_cache': ((61, 64, 2, 256), 'bfloat16'), 'v_cache': ((61, 64, 2, 256), 'bfloat16'), 'page_table': ((3, 18), 'int32'), 'seqused_k': ((3,), 'int32'), 'sinks': True, 'q': ((3, 1, 2, 256), 'bfloat16'), 'num_splits': 10},
 ]

@@ -33,6 +33,16 @@ def _cases():
     cases.append(split_case(512, 64, "causal", group=8))
     cases.append(split_case(512, 64, "window", tq=2, sinks=True, logits_soft_cap=30.0))
     cases.append(split_case(512, 16, "window2"))
+    # issue 18: decode tiles for head dims 96/192/256 and 128-token pages, and
+    # speculative decode (Tq 2-8) at GQA groups up to 16 (Tq 8 x 16: two 64-row tiles)
+    cases += [split_case(96, 64, "causal", tq=3, group=5),
+              split_case(96, 128, "window", tq=6, group=4),
+              split_case(192, 64, "none", tq=2, group=8),
+              split_case(192, 128, "causal", tq=2, group=8),
+              split_case(256, 64, "causal", tq=8, group=8),
+              split_case(128, 128, "causal", tq=8, group=16),
+              split_case(64, 64, "none", tq=5, group=3),
+              split_case(128, 64, "causal", tq=7, group=2, sinks=True)]
     return cases
 
 

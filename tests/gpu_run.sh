@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, parity, timeline, diag, memcheck, guard, bench, paged, decode, sweep, loop, gemma,
-# hdim512, single_qk; default
+# (comma-separated: tests, parity, timeline, ncu, diag, memcheck, guard, bench, paged, decode, sweep,
+# loop, gemma, hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
 # unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
 set -u
@@ -83,11 +83,24 @@ if [[ $what == *,decode,* ]]; then
 fi
 if [[ $what == *,timeline,* ]]; then
   # every kernel and gap of one decode call (issue 18's shapes) and of a short forward
-  for shape in "decode --b 1 --s 16384" "decode --b 8 --s 32768" "forward --b 32 --s 1024 --causal"; do
+  # TIMELINE_SHAPES: ';'-separated timeline.py arguments
+  IFS=';' read -ra shapes <<<"${TIMELINE_SHAPES:-decode --b 1 --s 16384;decode --b 8 --s 32768;forward --b 32 --s 1024 --causal}"
+  for shape in "${shapes[@]}"; do
     name=$(echo $shape | tr -d ' -')
     timeout ${BENCH_TIMEOUT:-600} python3 -u benchmarks/timeline.py $shape \
       --out "$OUT/timeline_$name.json" 2>&1 | tee -a "$OUT/timeline.log" | quiet | tail -20
   done
+fi
+if [[ $what == *,ncu,* ]]; then
+  # Nsight Compute on one decode call's split and combine kernels (NCU_DECODE: the
+  # timeline.py shape), for where the split kernel's fixed cost goes
+  timeout ${NCU_TIMEOUT:-300} ncu --target-processes all -k "regex:Sm90Split|Combine" \
+    --launch-count 2 --section SpeedOfLight --section LaunchStats --section Occupancy \
+    --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --metrics sm__cycles_active.max,sm__cycles_active.min,sm__cycles_active.avg,dram__bytes_read.sum \
+    python3 benchmarks/timeline.py decode ${NCU_DECODE:---b 1 --s 32768} --layers 1 --no-trace \
+    >"$OUT/ncu.txt" 2>&1
+  grep -E "==PROF==|==ERROR==|Duration|DRAM Throughput|Memory Throughput|sm__cycles_active|Registers|Achieved Occupancy|Block Limit|Grid Size|Shared Memory Config" "$OUT/ncu.txt" | head -60
 fi
 if [[ $what == *,hdim512,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_hdim512.py --reps 10 \
@@ -110,11 +123,14 @@ fi
 if [[ $what == *,gemma,* ]]; then
   # The Gemma example, mid preset (12 layers of the 31B shapes): jax_fa4, then the plain-XLA
   # attention (its prefill takes about a minute, so no warm-up run: one-time costs vanish).
-  for att in jax_fa4 xla; do
-    warm=1; [ $att = xla ] && warm=0
-    timeout ${BENCH_TIMEOUT:-3000} python3 -u -m examples.gemma --preset mid --attention $att \
-      --warmup $warm --progress-every 0 --json "$OUT/gemma_mid_$att.json" ${GEMMA_ARGS:-} \
-      2>&1 | tee "$OUT/gemma_$att.log" | quiet
+  # GEMMA_RUNS: jax_fa4, xla, and jax_fa4_before (the split path as planned before
+  # issue 18: kernels/split.plan_as_before_issue18)
+  for run in ${GEMMA_RUNS:-jax_fa4 xla}; do
+    att=${run%_before}; warm=1; [ $att = xla ] && warm=0
+    before=0; [ $run != $att ] && before=1
+    JAX_FA4_SPLIT_BEFORE_ISSUE18=$before timeout ${BENCH_TIMEOUT:-3000} python3 -u -m examples.gemma \
+      --preset mid --attention $att --warmup $warm --progress-every 0 \
+      --json "$OUT/gemma_mid_$run.json" ${GEMMA_ARGS:-} 2>&1 | tee "$OUT/gemma_$run.log" | quiet
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   done
 fi

@@ -226,10 +226,6 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
-
-
 # --------------------------------------------------------------------------- emitting cases
 
 def _window_kwargs(window, dense: bool = False) -> dict:
@@ -298,3 +294,7 @@ def emit_missing() -> list[dict]:
         todo -= classes
         cases.append(case)
     return cases
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,8 +1,8 @@
 """Split-KV decode on the GPU: every split count in gpu_cases_split.SPLITS against a
 float64 reference and against the unsplit kernel (marker `gpu`).
 
-Each batch holds a long sequence (not a page multiple), an empty one, a 1-token one and
-short ones, so with 7 or 32 splits many (sequence, split) pairs get no keys; windows
+Each batch holds a long sequence (4097 or 4997 keys: not a page multiple), an empty
+one, and ones of 1, 17 and 333 keys, so with 7 or 32 splits many (sequence, split) pairs get no keys; windows
 make more.  Outputs are poisoned before every launch (the workspace included).
 """
 import functools
@@ -48,7 +48,7 @@ def test_splits_match_reference_and_unsplit(case):
     pages, ps = kc.shape[:2]
     b, max_pages = case["page_table"][0]
     table = rng.permutation(pages)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
-    used = np.array([MAX_TOKENS - 3, 0, 1, 130, rng.integers(2, 900)], np.int32)[:b]
+    used = np.array([rng.choice([4097, MAX_TOKENS - 3]), 0, 1, 17, 333], np.int32)[:b]
     n = q.shape[2]
     sinks = jnp.asarray(rng.standard_normal(n, np.float32)) if case.get("sinks") else None
 

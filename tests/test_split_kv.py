@@ -18,7 +18,7 @@ import jax_fa4.api
 from jax_fa4 import split_primitive as split_kv
 from jax_fa4 import varlen
 from jax_fa4.validate import num_splits as check_num_splits
-from jax_fa4.kernels.split import (DECODE_TILE, MAX_SPLITS,
+from jax_fa4.kernels.split import (DECODE_TILE, MAX_SPLITS, decode_tile,
                                    choose_num_splits, lse_region, split_variant,
                                    workspace_size)
 
@@ -252,6 +252,18 @@ def test_split_plans_the_decode_tile_for_64_token_pages():
     assert unsplit.tile.tile_m == 128 and not unsplit.paged_tma  # prefill tile, cp.async
     # other page sizes keep FA4's tile
     assert _paged_plan(128, 16, num_splits=8).kernel_variant.base.tile.tile_m == 128
+
+
+def test_split_plans_decode_tiles_for_other_head_dims_and_128_token_pages():
+    for hd, page, stages in [(96, 64, 4), (192, 64, 4), (256, 64, 2), (128, 128, 3),
+                             (96, 128, 4)]:
+        sv = _paged_plan(hd, page, num_splits=8).kernel_variant
+        t = sv.base.tile
+        assert (t.tile_m, t.tile_n, t.num_stages) == (64, page, stages), (hd, page)
+        assert sv.base.paged_tma
+    # hdim 256 with 128-token pages: one stage would fit; FA4's tile stays
+    assert _paged_plan(256, 128, num_splits=8).kernel_variant.base.tile.tile_m == 128
+    assert decode_tile(256, 128) is None
 
 
 def test_head_dim_512_splits():

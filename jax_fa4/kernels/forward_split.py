@@ -32,7 +32,7 @@ import inspect
 # forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
 from .forward import _DTYPES, _PTR_ALIGN, _fa4_kernel, _row_major, cuda, cute, cutlass
 from .forward_abi import operands, size_dims
-from .split import COMBINE_LOG_MAX_SPLITS, SplitVariant
+from .split import COMBINE_LOG_MAX_SPLITS, SplitVariant, combine_config
 
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.runtime import make_ptr
@@ -195,7 +195,7 @@ class _CombineAfterSplit(FlashAttentionForwardCombine):
     (SplitKVMixin.epilogue triggers), run their prologue, and wait in FA4's own
     `griddepcontrol_wait` until the split kernel has finished and its writes are
     visible, so the second launch overlaps the split kernel's tail (measured on H100:
-    ~0.5 us of a ~30 us decode call at batch 1, together with the 8 stages below)."""
+    ~0.5 us of a ~30 us decode call at batch 1)."""
 
     def kernel(self, *args, **kwargs):
         launcher = FlashAttentionForwardCombine.kernel(self, *args, **kwargs)
@@ -205,16 +205,13 @@ class _CombineAfterSplit(FlashAttentionForwardCombine):
 
 
 def _combine_kernel(sv: SplitVariant) -> FlashAttentionForwardCombine:
-    """FA4's combine with FA4's own block shape for the value head dim (interface.py:
-    128-column blocks and 8 rows, 64 and 16 for head dims <= 64), but 8 cp.async stages
-    over the splits instead of 4: at batch 1 a combine block walks ~20 splits, so more
-    loads in flight shorten its latency chain."""
+    """FA4's combine with the variant's block shape (kernels/split.combine_config)."""
     hv = sv.base.head_dim_v
-    k_block = 64 if hv <= 64 else 128
+    c = combine_config(sv.combine, hv)
     return _CombineAfterSplit(
         _DTYPES[sv.base.dtype], Float32, hv, num_head=1,  # num_head: varlen scheduler only
-        tile_m=8 if k_block == 128 else 16, k_block_size=k_block,
-        log_max_splits=COMBINE_LOG_MAX_SPLITS, stages=8)
+        tile_m=c.tile_m, k_block_size=c.k_block, num_threads=c.threads,
+        log_max_splits=COMBINE_LOG_MAX_SPLITS, stages=c.stages)
 
 
 def _i64(x):

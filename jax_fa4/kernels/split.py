@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 from .config import SPLIT_SOURCES, ForwardVariant, TileConfig
 from .variant import KernelVariant
@@ -50,8 +51,56 @@ MAX_HEAD_DIM = 512
 # the other head-dim-512 designs (split-PV, single-QK) run unsplit.
 DESIGNS = ("fa4", "split_k")
 DECODE_TILE = TileConfig(64, 64, mma_pv_is_rs=True, intra_wg_overlap=True, num_stages=4)
+# Head dims (equal for K and V) whose decode tile the GPU suite covers, and the page
+# sizes that take it (one page per K/V tile, loaded by TMA).
+DECODE_HEAD_DIMS = (64, 96, 128, 192, 256)
+DECODE_PAGE_SIZES = (64, 128)
+
+
+def plan_as_before_issue18() -> None:
+    """Plans split kernels as before issue 18 (FA4's combine block shape, decode tiles
+    for head dims 64/128 with dense keys or 64-token pages only): the "before" rows of
+    docs/PERF.md, in the same run as today's.  A benchmarking aid; the environment
+    variable JAX_FA4_SPLIT_BEFORE_ISSUE18=1 calls it at import (for whole programs such
+    as the Gemma example)."""
+    global DEFAULT_COMBINE, DECODE_HEAD_DIMS, DECODE_PAGE_SIZES
+    DEFAULT_COMBINE, DECODE_HEAD_DIMS, DECODE_PAGE_SIZES = "fa4", (64, 128), (64,)
+# Shared memory a decode tile may fill with Q and its K/V stages: the H100's 227 KiB
+# per block less room for the pipeline barriers and 1 KiB buffer alignment.
+DECODE_SMEM_BYTES = 220 * 1024
 # Largest split count FA4's combine kernel is compiled for (its log_max_splits).
 COMBINE_LOG_MAX_SPLITS = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineConfig:
+    """The block shape of FA4's combine kernel (flash_fwd_combine.py): each thread block
+    merges `tile_m` output rows (query token x head) over `k_block` value columns with
+    `threads` threads, keeping `stages - 1` splits' O-partial loads in flight."""
+
+    tile_m: int
+    k_block: int
+    threads: int
+    stages: int
+
+
+def combine_config(name: str, head_dim_v: int) -> CombineConfig:
+    """"fa4": FA4 interface.py's own choice (128-column blocks of 8 rows, 64 and 16 for
+    value head dims <= 64, 256 threads) with 8 stages.  A decode batch has few rows (32
+    at batch 1: 4 thread blocks), so each block walks every split through 7 loads in
+    flight: ~3 us after the split kernel at batch 1 (the issue-18 timeline, H100).
+    "wide" (default): 32-column blocks of 8 rows, 64 threads (one 16-byte load per
+    thread and split), 16 stages: 4x the thread blocks at head dim 128, each reading
+    a quarter of the bytes with 15 splits in flight."""
+    if name == "fa4":
+        return CombineConfig(8, 128, 256, 8) if head_dim_v > 64 else CombineConfig(16, 64, 256, 8)
+    if name == "wide":
+        return CombineConfig(8, 32, 64, 16)
+    raise ValueError(f"unknown combine config {name!r} (wide, fa4)")
+
+
+# The combine config of new split variants.
+DEFAULT_COMBINE = "wide"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +117,11 @@ class SplitVariant(KernelVariant):
     # FA4's combine kernel runs in the same launcher (results: out, lse, workspace);
     # False: the launcher writes the workspace only and JAX merges (sinks).
     fused_combine: bool = True
+    # combine_config's name ("wide" or "fa4"); only the fused combine reads it
+    combine: str = "wide"
 
     def __post_init__(self):
+        combine_config(self.combine, self.base.head_dim_v)  # validates the name
         b = self.base
         if b.q_layout != "dense" or b.kv_layout == "packed":
             raise ValueError("split-KV needs dense q and dense or paged k/v")
@@ -83,24 +135,44 @@ class SplitVariant(KernelVariant):
                 "base_key": json.loads(self.base.key())}
 
     def describe_parts(self) -> list[str]:
-        return [self.base.describe(), "split-KV" + (" + combine" if self.fused_combine else "")]
+        return [self.base.describe(), "split-KV" + (
+            (" + combine" + ("" if self.combine == "wide" else f" ({self.combine})"))
+            if self.fused_combine else "")]
+
+
+def decode_tile(head_dim: int, tile_n: int) -> TileConfig | None:
+    """The decode tile for (head_dim, head_dim) K/V blocks of tile_n keys: 64 query rows
+    (one MMA warpgroup: a decode step fills 8 rows at GQA 8, FA4's 128-row tiles use 8
+    of 128) and as many K/V stages as fit DECODE_SMEM_BYTES, at most 4; None if fewer
+    than 2 fit.  (hdim 128, 64 keys: DECODE_TILE, 4 stages; hdim 256: 2 stages; hdim
+    128 with 128-token pages: 3.)"""
+    pad = -(-head_dim // 16) * 16
+    q_bytes = 64 * pad * 2
+    stage_bytes = 2 * tile_n * pad * 2
+    stages = min(4, (DECODE_SMEM_BYTES - q_bytes) // stage_bytes)
+    if stages < 2:
+        return None
+    return TileConfig(64, tile_n, mma_pv_is_rs=True, intra_wg_overlap=True, num_stages=stages)
 
 
 def decode_variant(v: ForwardVariant, page_size: int | None) -> ForwardVariant:
     """The variant the split kernel builds on for calls planned as `v` (page_size: the
     paged cache's, None for dense k/v).
 
-    Head dims 64 and 128 with dense keys or 64-token pages take a 64 x 64 tile with 4
-    K/V stages: one MMA warpgroup (a decode step fills 8 of its 64 query rows at GQA 8,
-    FA4's 128-row tile 8 of 128) and 64-token pages loaded by TMA instead of FA4's
-    cp.async gathers.  Measured on H100 (docs/PERF.md): up to 26 % less kernel time at
-    batch 1, the same at batch 8.  Other head dims and page sizes keep `v`."""
-    if v.tile.design != "fa4" or v.head_dim != v.head_dim_v or v.head_dim not in (64, 128):
+    Head dims in DECODE_HEAD_DIMS (K and V alike) with dense keys or 64-token pages take
+    a 64 x 64 decode tile (decode_tile), 128-token pages a 64 x 128 one; pages are then
+    loaded by TMA, one page per K/V tile, instead of FA4's cp.async gathers.  Measured
+    on H100 at head dim 128 (docs/PERF.md): up to 26 % less kernel time at batch 1, the
+    same at batch 8.  Other head dims and page sizes keep `v`."""
+    if (v.tile.design != "fa4" or v.head_dim != v.head_dim_v
+            or v.head_dim not in DECODE_HEAD_DIMS):
         return v
     if v.kv_layout == "dense":
-        return dataclasses.replace(v, tile=DECODE_TILE)
-    if v.kv_layout == "paged" and page_size == DECODE_TILE.tile_n:
-        return dataclasses.replace(v, tile=DECODE_TILE, paged_tma=True)
+        tile = decode_tile(v.head_dim, 64)
+        return dataclasses.replace(v, tile=tile) if tile else v
+    if v.kv_layout == "paged" and page_size in DECODE_PAGE_SIZES:
+        tile = decode_tile(v.head_dim, page_size)
+        return dataclasses.replace(v, tile=tile, paged_tma=True) if tile else v
     return v
 
 
@@ -108,7 +180,7 @@ def split_variant(v: ForwardVariant) -> SplitVariant:
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
     dense k/v get an explicit seqused_k)."""
     return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
-                        fused_combine=not v.has_sinks)
+                        fused_combine=not v.has_sinks, combine=DEFAULT_COMBINE)
 
 
 def lse_region(batch: int, heads: int, seq_q: int, splits: int) -> int:
@@ -150,3 +222,7 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
     if tiles <= SMALL_GRID_TILES:
         s = min(s, math.ceil(SMALL_GRID_WAVE * num_sms / tiles))
     return s
+
+
+if os.environ.get("JAX_FA4_SPLIT_BEFORE_ISSUE18") == "1":
+    plan_as_before_issue18()
