@@ -30,7 +30,9 @@ if [[ $what == *,tests,* ]]; then
   # with its case and the shard goes on in a new process.  GPU_TESTS: pytest selection
   # (default: every gpu test); GPU_TEST_JOBS shards at a time.
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-  timeout ${TEST_TIMEOUT:-3000} python3 -u tests/gpu_shards.py --out "$OUT" ${GPU_TESTS:-tests} 2>&1 \
+  # GPU_TEST_K: a pytest -k expression (may hold spaces)
+  timeout ${TEST_TIMEOUT:-3000} python3 -u tests/gpu_shards.py --out "$OUT" \
+    ${GPU_TEST_K:+-k "$GPU_TEST_K"} ${GPU_TESTS:-tests} 2>&1 \
     | tee "$OUT/gpu-tests.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi

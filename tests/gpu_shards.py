@@ -139,8 +139,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/jax_fa4_out"))
     p.add_argument("--deadline", type=float, default=float(os.environ.get(
         "GPU_TEST_DEADLINE", 86400)), help="seconds; later tests are reported NOT_RUN")
+    p.add_argument("-k", dest="keyword", help="pytest -k expression for the collection")
     p.add_argument("selection", nargs="*", default=["tests"])
     args = p.parse_args(argv)
+    if args.keyword:
+        args.selection = ["-k", args.keyword, *args.selection]
     os.makedirs(args.out, exist_ok=True)
     ids = _collect(args.selection)
     shards = _shards(ids, args.shard_size)
