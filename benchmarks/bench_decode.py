@@ -214,21 +214,24 @@ def bench_row(args, b, s, hd, tq):
 
 
 def markdown(res: dict) -> str:
-    """PERF.md tables (one per head dim and Tq) from a results JSON."""
+    """PERF.md tables (one per head dim and Tq) from a results JSON; columns for the
+    implementations the file has."""
+    names = {"split": "split", "before": "before (issue 17)", "unsplit": "unsplit",
+             "pallas": "pallas", "xla": "xla"}
+    have = [k for k in names if any(k in r["tb_s"] or k in r.get("errors", {})
+                                    for r in res["rows"])]
     out = [f"copy ceiling: {res.get('ceiling_tb_s', float('nan')):.2f} TB/s", ""]
     for hd, tq in sorted({(r["hdim"], r.get("tq", 1)) for r in res["rows"]}):
         out += [f"hdim {hd}, Tq {tq}:", "",
-                "| b | seqused | S | split | before (issue 17) | unsplit | pallas | xla "
-                "| split / unsplit |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| b | seqused | S | " + " | ".join(names[k] for k in have) + " | split / unsplit |",
+                "| --- " * (len(have) + 4) + "|"]
         for r in (r for r in res["rows"] if r["hdim"] == hd and r.get("tq", 1) == tq):
             tb, us = r["tb_s"], r["us"]
             cell = lambda k: f"{tb[k]:.2f} ({us[k]:.0f} µs)" if k in tb else "—"  # noqa: E731
             ratio = (f"{us['unsplit'] / us['split']:.1f}×" if "unsplit" in us and "split" in us
-                     else "same kernel")
-            out.append(f"| {r['b']} | {r['seqused'] // 1024}k | {r['splits']} | {cell('split')} "
-                       f"| {cell('before')} | {cell('unsplit')} | {cell('pallas')} | {cell('xla')} "
-                       f"| {ratio} |")
+                     else "—")
+            out.append(f"| {r['b']} | {r['seqused'] // 1024}k | {r['splits']} | "
+                       + " | ".join(cell(k) for k in have) + f" | {ratio} |")
         out.append("")
     for r in res["rows"]:
         if "sweep" in r:
@@ -238,38 +241,48 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: str) -> None:
-    """TB/s vs context length, one panel per head dim: the split path per batch and
-    Tq; the unsplit kernel, Pallas and the pure-JAX path at Tq 1; the copy ceiling."""
+    """TB/s vs context length, one panel per head dim: the split path per batch (colour)
+    and Tq (marker); at Tq 1 the path before issue 18, the unsplit kernel, Pallas and
+    the pure-JAX path (line style); the copy ceiling."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     hdims = sorted({r["hdim"] for r in res["rows"]})
-    fig, axes = plt.subplots(1, len(hdims), figsize=(5 * len(hdims), 4.2), sharey=True,
+    batches = sorted({r["b"] for r in res["rows"]})
+    colours = dict(zip(batches, ("tab:blue", "tab:red", "tab:green", "tab:purple")))
+    markers = {1: "o", 4: "s", 8: "^"}
+    styles = {"split": "-", "before": (0, (1, 1)), "unsplit": ":", "pallas": "--", "xla": "-."}
+    fig, axes = plt.subplots(1, len(hdims), figsize=(5 * len(hdims), 4.4), sharey=True,
                              squeeze=False)
+    handles = {}
     for ax, hd in zip(axes[0], hdims):
         rows = [r for r in res["rows"] if r["hdim"] == hd]
-        for b in sorted({r["b"] for r in rows}):
+        for b in batches:
             for tq in sorted({r.get("tq", 1) for r in rows}):
-                for name, style in (("split", "-"), ("before", (0, (1, 1))), ("unsplit", ":"),
-                                    ("pallas", "--"), ("xla", "-.")):
+                for name, style in styles.items():
                     if name != "split" and tq != 1:
                         continue
                     pts = sorted((r["seqused"], r["tb_s"][name]) for r in rows
                                  if r["b"] == b and r.get("tq", 1) == tq and name in r["tb_s"])
                     if pts:
-                        ax.plot(*zip(*pts), style, marker="o", ms=3,
-                                label=f"{name} b{b}" + (f" Tq{tq}" if name == "split" else ""))
+                        label = f"{name} b{b}" + (f" Tq{tq}" if name == "split" else "")
+                        (line,) = ax.plot(*zip(*pts), linestyle=style, color=colours[b],
+                                          marker=markers.get(tq, "o"), ms=3.5, lw=1.3,
+                                          alpha=1.0 if name == "split" else 0.7, label=label)
+                        handles.setdefault(label, line)
         if "ceiling_tb_s" in res:
-            ax.axhline(res["ceiling_tb_s"], color="k", lw=0.8, label="copy ceiling")
+            handles.setdefault("copy ceiling", ax.axhline(res["ceiling_tb_s"], color="k", lw=0.8,
+                                                          label="copy ceiling"))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (keys per sequence)")
         ax.set_title(f"hdim {hd}")
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("K/V read TB/s")
-    axes[0, -1].legend(fontsize=6, ncol=2)
+    axes[0, 0].set_ylabel("K/V read TB/s (per-layer call)")
+    fig.legend(handles.values(), handles.keys(), loc="lower center", fontsize=7,
+               ncol=min(8, len(handles)), frameon=False)
     fig.suptitle(f"paged decode, {res['device']}, bf16, 32/4 heads, page {PAGE}, {res['date']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
