@@ -1,6 +1,7 @@
 """Decode: K/V read bandwidth of paged_attention against the card's copy bandwidth, split
-(heuristic) vs the split path as planned before issue 18 ("before": FA4's own combine
-block shape, decode tiles for head dims 64/128 only) vs unsplit (num_splits=1) vs Pallas' GPU paged_attention vs jax_fa4's
+(heuristic; kernels/split.py's "issue18" plan) vs the split path as planned before
+issue 18 ("before": the "issue17" plan, FA4's own combine block shape, decode tiles for
+head dims 64/128 only) vs unsplit (num_splits=1) vs Pallas' GPU paged_attention vs jax_fa4's
 pure-JAX path, all in the same run.
 
   python benchmarks/bench_decode.py --out decode.json --png decode.png
@@ -126,16 +127,15 @@ def _pallas():
     return paged_attention
 
 
-def _as_before(fn):
-    """fn, planned as before issue 18 (kernels/split.plan_as_before_issue18; read when
-    the call is traced)."""
+def _planned(name, fn):
+    """fn, with split calls planned by kernels/split.SPLIT_PLANS[name] (read when the
+    call is traced)."""
     def f(*a):
-        saved = split.DEFAULT_COMBINE, split.DECODE_HEAD_DIMS, split.DECODE_PAGE_SIZES
-        split.plan_as_before_issue18()
+        saved, split.PLAN = split.PLAN, split.SPLIT_PLANS[name]
         try:
             return fn(*a)
         finally:
-            split.DEFAULT_COMBINE, split.DECODE_HEAD_DIMS, split.DECODE_PAGE_SIZES = saved
+            split.PLAN = saved
     return f
 
 
@@ -144,14 +144,16 @@ def _impls(args, b, s, tq, plan):
     fa4 = functools.partial(jax_fa4.paged_attention, is_causal=True)
     out = []
     if "split" in args.impls:
-        out.append(("split", functools.partial(fa4, implementation="fa4"), "ours"))
+        out.append(("split", _planned("issue18", functools.partial(fa4, implementation="fa4")),
+                    "ours"))
     # The unsplit kernel and the pure-JAX path are Tq 1 baselines (Tq 4/8 compare the
     # split path with its own Tq 1 row).
     if "unsplit" in args.impls and plan.num_splits > 1 and tq == 1:  # else "split"'s kernel
         out.append(("unsplit", functools.partial(fa4, implementation="fa4", num_splits=1),
                     "ours"))
     if "before" in args.impls:  # the split path as issue 17 left it
-        out.append(("before", _as_before(functools.partial(fa4, implementation="fa4")), "ours"))
+        out.append(("before", _planned("issue17", functools.partial(fa4, implementation="fa4")),
+                    "ours"))
     pallas = _pallas()
     if "pallas" in args.impls and tq == 1 and pallas is not None and args.platform == "gpu":
         # Its default 8 pages per compute block overflow shared memory from 16k keys on

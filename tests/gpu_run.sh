@@ -125,12 +125,12 @@ fi
 if [[ $what == *,gemma,* ]]; then
   # The Gemma example, mid preset (12 layers of the 31B shapes): jax_fa4, then the plain-XLA
   # attention (its prefill takes about a minute, so no warm-up run: one-time costs vanish).
-  # GEMMA_RUNS: jax_fa4, xla, and jax_fa4_before (the split path as planned before
-  # issue 18: kernels/split.plan_as_before_issue18)
+  # GEMMA_RUNS: jax_fa4, xla, jax_fa4_issue17 and jax_fa4_issue18 (split calls planned
+  # by that kernels/split.SPLIT_PLANS entry)
   for run in ${GEMMA_RUNS:-jax_fa4 xla}; do
-    att=${run%_before}; warm=1; [ $att = xla ] && warm=0
-    before=0; [ $run != $att ] && before=1
-    JAX_FA4_SPLIT_BEFORE_ISSUE18=$before timeout ${BENCH_TIMEOUT:-3000} python3 -u -m examples.gemma \
+    att=${run%_issue1[78]}; warm=1; [ $att = xla ] && warm=0
+    plan=${JAX_FA4_SPLIT_PLAN:-issue17}; [ $run != $att ] && plan=${run#jax_fa4_}
+    JAX_FA4_SPLIT_PLAN=$plan timeout ${BENCH_TIMEOUT:-3000} python3 -u -m examples.gemma \
       --preset mid --attention $att --warmup $warm --progress-every 0 \
       --json "$OUT/gemma_mid_$run.json" ${GEMMA_ARGS:-} 2>&1 | tee "$OUT/gemma_$run.log" | quiet
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1

@@ -12,10 +12,16 @@ for calls in tests/gpu_cases.py tests/gpu_cases_paged.py tests/gpu_cases_split.p
              examples/gemma/kernel_calls.py; do
   pc --calls "$calls"
 done
-# the split path as planned before issue 18 (kernels/split.plan_as_before_issue18): the
-# "before" rows of bench_decode.py and the Gemma example's before/after
-JAX_FA4_SPLIT_BEFORE_ISSUE18=1 pc --calls benchmarks/bench_decode.py
-JAX_FA4_SPLIT_BEFORE_ISSUE18=1 pc --calls examples/gemma/kernel_calls.py
+# split calls planned by issue 18's plan (kernels/split.SPLIT_PLANS; the default plan
+# is built above): every split kernel the GPU suite and the benchmarks reach with it
+if [ "${JAX_FA4_SPLIT_PLAN:-issue17}" != issue18 ]; then
+  for calls in tests/gpu_cases_paged.py tests/gpu_cases_split.py tests/gpu_cases.py \
+               tests/gpu_cases_multi.py tests/gpu_cases_hdim512.py tests/gpu_cases_coverage.py \
+               tests/gpu_cases_fuzz.py tests/gpu_cases_memcheck.py tests/gpu_cases_lengths.py \
+               benchmarks/bench_decode.py examples/gemma/kernel_calls.py; do
+    JAX_FA4_SPLIT_PLAN=issue18 pc --calls "$calls"
+  done
+fi
 pc --calls tests/gpu_cases_backward.py --backward
 # every reachable kernel class (tests/plan_space.py) and the seeded fuzz calls
 # (JAX_FA4_FUZZ_SEED: the same seed must reach the GPU run); both build the backward

@@ -28,6 +28,17 @@ def test_every_reachable_class_has_a_gpu_case(reach):
         + "\n".join(f"  {c}  e.g. {reach[c]}" for c in missing[:20]))
 
 
+def test_issue18_split_plan_is_covered_too(monkeypatch):
+    """kernels/split.py's "issue18" plan (other decode tiles, the wide combine) reaches
+    classes the default plan does not: each has a GPU case as well, so the GPU suite
+    run with JAX_FA4_SPLIT_PLAN=issue18 covers them."""
+    from jax_fa4.kernels import split
+    monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS["issue18"])
+    reach18 = plan_space.reachable()
+    missing = sorted(set(reach18) - set(plan_space.matrix_classes()))
+    assert not missing, "\n".join(f"  {c}  e.g. {reach18[c]}" for c in missing[:20])
+
+
 def test_space_is_walked(reach):
     """The walk reaches every path, split kind and the head-dim-512 design."""
     kinds = {c[1:4] for c in reach if c[0] == "structure"}

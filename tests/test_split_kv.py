@@ -4,6 +4,7 @@ float32 workspace result and its scalars)."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import jax
@@ -18,6 +19,7 @@ import jax_fa4.api
 from jax_fa4 import split_primitive as split_kv
 from jax_fa4 import varlen
 from jax_fa4.validate import num_splits as check_num_splits
+from jax_fa4.kernels import split
 from jax_fa4.kernels.split import (DECODE_TILE, MAX_SPLITS, decode_tile,
                                    choose_num_splits, lse_region, split_variant,
                                    workspace_size)
@@ -254,7 +256,8 @@ def test_split_plans_the_decode_tile_for_64_token_pages():
     assert _paged_plan(128, 16, num_splits=8).kernel_variant.base.tile.tile_m == 128
 
 
-def test_split_plans_decode_tiles_for_other_head_dims_and_128_token_pages():
+def test_split_plans_decode_tiles_for_other_head_dims_and_128_token_pages(monkeypatch):
+    monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS["issue18"])
     for hd, page, stages in [(96, 64, 4), (192, 64, 4), (256, 64, 2), (128, 128, 3),
                              (96, 128, 4)]:
         sv = _paged_plan(hd, page, num_splits=8).kernel_variant
@@ -264,6 +267,15 @@ def test_split_plans_decode_tiles_for_other_head_dims_and_128_token_pages():
     # hdim 256 with 128-token pages: one stage would fit; FA4's tile stays
     assert _paged_plan(256, 128, num_splits=8).kernel_variant.base.tile.tile_m == 128
     assert decode_tile(256, 128) is None
+    assert _paged_plan(128, 64, num_splits=8).kernel_variant.combine == "wide"
+
+
+def test_default_split_plan_is_the_gpu_validated_one():
+    """Until the GPU suite has run issue 18's kernels, calls get issue 17's plan."""
+    assert split.PLAN == split.SPLIT_PLANS[os.environ.get("JAX_FA4_SPLIT_PLAN", "issue17")]
+    if "JAX_FA4_SPLIT_PLAN" not in os.environ:
+        sv = _paged_plan(96, 64, num_splits=8).kernel_variant
+        assert sv.combine == "fa4" and sv.base.tile.tile_m != 64
 
 
 def test_head_dim_512_splits():

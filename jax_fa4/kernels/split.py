@@ -51,20 +51,33 @@ MAX_HEAD_DIM = 512
 # the other head-dim-512 designs (split-PV, single-QK) run unsplit.
 DESIGNS = ("fa4", "split_k")
 DECODE_TILE = TileConfig(64, 64, mma_pv_is_rs=True, intra_wg_overlap=True, num_stages=4)
-# Head dims (equal for K and V) whose decode tile the GPU suite covers, and the page
-# sizes that take it (one page per K/V tile, loaded by TMA).
-DECODE_HEAD_DIMS = (64, 96, 128, 192, 256)
-DECODE_PAGE_SIZES = (64, 128)
 
 
-def plan_as_before_issue18() -> None:
-    """Plans split kernels as before issue 18 (FA4's combine block shape, decode tiles
-    for head dims 64/128 with dense keys or 64-token pages only): the "before" rows of
-    docs/PERF.md, in the same run as today's.  A benchmarking aid; the environment
-    variable JAX_FA4_SPLIT_BEFORE_ISSUE18=1 calls it at import (for whole programs such
-    as the Gemma example)."""
-    global DEFAULT_COMBINE, DECODE_HEAD_DIMS, DECODE_PAGE_SIZES
-    DEFAULT_COMBINE, DECODE_HEAD_DIMS, DECODE_PAGE_SIZES = "fa4", (64, 128), (64,)
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """How split calls are planned: the combine's block shape (combine_config), and the
+    head dims (K and V alike) and page sizes that take a decode tile (decode_tile; one
+    page per K/V tile, loaded by TMA)."""
+
+    combine: str
+    decode_head_dims: tuple[int, ...]
+    decode_page_sizes: tuple[int, ...]
+
+
+SPLIT_PLANS = {
+    # What the GPU suite validated before issue 18: FA4's combine block shape, decode
+    # tiles for head dims 64/128 with dense keys or 64-token pages.
+    "issue17": SplitPlan("fa4", (64, 128), (64,)),
+    # Issue 18: the wide combine, decode tiles for head dims 64-256 and 128-token pages.
+    "issue18": SplitPlan("wide", (64, 96, 128, 192, 256), (64, 128)),
+}
+# The plan new calls get.  It stays "issue17" until the GPU suite has run "issue18"'s
+# kernels (docs/PERF.md, issue 18): a configuration the dispatcher sends to a kernel
+# must have passed the GPU tests.  JAX_FA4_SPLIT_PLAN picks another (benchmarks, the
+# GPU suite, the Gemma example's before/after); bench_decode.py switches per call.
+PLAN = SPLIT_PLANS[os.environ.get("JAX_FA4_SPLIT_PLAN", "issue17")]
+
+
 # Shared memory a decode tile may fill with Q and its K/V stages: the H100's 227 KiB
 # per block less room for the pipeline barriers and 1 KiB buffer alignment.
 DECODE_SMEM_BYTES = 220 * 1024
@@ -89,7 +102,7 @@ def combine_config(name: str, head_dim_v: int) -> CombineConfig:
     value head dims <= 64, 256 threads) with 8 stages.  A decode batch has few rows (32
     at batch 1: 4 thread blocks), so each block walks every split through 7 loads in
     flight: ~3 us after the split kernel at batch 1 (the issue-18 timeline, H100).
-    "wide" (default): 32-column blocks of 8 rows, 64 threads (one 16-byte load per
+    "wide" (the "issue18" plan): 32-column blocks of 8 rows, 64 threads (one 16-byte load per
     thread and split), 16 stages: 4x the thread blocks at head dim 128, each reading
     a quarter of the bytes with 15 splits in flight."""
     if name == "fa4":
@@ -97,10 +110,6 @@ def combine_config(name: str, head_dim_v: int) -> CombineConfig:
     if name == "wide":
         return CombineConfig(8, 32, 64, 16)
     raise ValueError(f"unknown combine config {name!r} (wide, fa4)")
-
-
-# The combine config of new split variants.
-DEFAULT_COMBINE = "wide"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +126,8 @@ class SplitVariant(KernelVariant):
     # FA4's combine kernel runs in the same launcher (results: out, lse, workspace);
     # False: the launcher writes the workspace only and JAX merges (sinks).
     fused_combine: bool = True
-    # combine_config's name ("wide" or "fa4"); only the fused combine reads it
-    combine: str = "wide"
+    # combine_config's name ("fa4" or "wide"); only the fused combine reads it
+    combine: str = "fa4"
 
     def __post_init__(self):
         combine_config(self.combine, self.base.head_dim_v)  # validates the name
@@ -136,7 +145,7 @@ class SplitVariant(KernelVariant):
 
     def describe_parts(self) -> list[str]:
         return [self.base.describe(), "split-KV" + (
-            (" + combine" + ("" if self.combine == "wide" else f" ({self.combine})"))
+            (" + combine" + ("" if self.combine == "fa4" else f" ({self.combine})"))
             if self.fused_combine else "")]
 
 
@@ -159,18 +168,19 @@ def decode_variant(v: ForwardVariant, page_size: int | None) -> ForwardVariant:
     """The variant the split kernel builds on for calls planned as `v` (page_size: the
     paged cache's, None for dense k/v).
 
-    Head dims in DECODE_HEAD_DIMS (K and V alike) with dense keys or 64-token pages take
-    a 64 x 64 decode tile (decode_tile), 128-token pages a 64 x 128 one; pages are then
+    Head dims in PLAN.decode_head_dims (K and V alike) with dense keys or 64-token pages
+    take a 64 x 64 decode tile (decode_tile), 128-token pages (if in
+    PLAN.decode_page_sizes) a 64 x 128 one; pages are then
     loaded by TMA, one page per K/V tile, instead of FA4's cp.async gathers.  Measured
     on H100 at head dim 128 (docs/PERF.md): up to 26 % less kernel time at batch 1, the
     same at batch 8.  Other head dims and page sizes keep `v`."""
     if (v.tile.design != "fa4" or v.head_dim != v.head_dim_v
-            or v.head_dim not in DECODE_HEAD_DIMS):
+            or v.head_dim not in PLAN.decode_head_dims):
         return v
     if v.kv_layout == "dense":
         tile = decode_tile(v.head_dim, 64)
         return dataclasses.replace(v, tile=tile) if tile else v
-    if v.kv_layout == "paged" and page_size in DECODE_PAGE_SIZES:
+    if v.kv_layout == "paged" and page_size in PLAN.decode_page_sizes:
         tile = decode_tile(v.head_dim, page_size)
         return dataclasses.replace(v, tile=tile, paged_tma=True) if tile else v
     return v
@@ -180,7 +190,7 @@ def split_variant(v: ForwardVariant) -> SplitVariant:
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
     dense k/v get an explicit seqused_k)."""
     return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
-                        fused_combine=not v.has_sinks, combine=DEFAULT_COMBINE)
+                        fused_combine=not v.has_sinks, combine=PLAN.combine)
 
 
 def lse_region(batch: int, heads: int, seq_q: int, splits: int) -> int:
@@ -222,7 +232,3 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
     if tiles <= SMALL_GRID_TILES:
         s = min(s, math.ceil(SMALL_GRID_WAVE * num_sms / tiles))
     return s
-
-
-if os.environ.get("JAX_FA4_SPLIT_BEFORE_ISSUE18") == "1":
-    plan_as_before_issue18()
