@@ -359,3 +359,28 @@ def test_split_variant_key_differs_from_base():
     assert sv == split_variant(plan.variant) and not sv.base.has_sinks
     assert sv.symbol != plan.variant.symbol and "split-KV" in sv.describe()
     assert type(sv).from_dict(sv.as_dict()) == sv
+
+
+@requires_compiler
+@pytest.mark.compile
+@pytest.mark.usefixtures("_own_cache")
+@pytest.mark.parametrize("hd,page", [(256, 64), (128, 128)])
+def test_issue18_plan_compiles_and_lowers(hd, page, monkeypatch):
+    """Issue 18's split plan: the wide combine and the decode tiles for head dim 256 (2
+    K/V stages) and 128-token pages (64 x 128, 3 stages) compile for sm_90a and lower to
+    one custom call with out, lse and the workspace."""
+    monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS["issue18"])
+    b, pages, kh, mp = 2, 64, 2, 32
+    args = [SDS((b, 1, 16, hd), jnp.bfloat16), SDS((pages, page, kh, hd), jnp.bfloat16),
+            SDS((pages, page, kh, hd), jnp.bfloat16), SDS((b, mp), jnp.int32),
+            SDS((b,), jnp.int32)]
+    sv = varlen.kernel_plan("paged_attention", q=args[0], k_cache=args[1], v_cache=args[2],
+                            page_table=args[3], seqused_k=args[4], is_causal=True,
+                            num_splits=5).kernel_variant
+    assert sv.combine == "wide" and sv.base.tile.tile_m == 64 and sv.base.paged_tma
+    f = functools.partial(jax_fa4.paged_attention, is_causal=True, implementation="fa4",
+                          num_splits=5)
+    line = _call_line(jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+    assert f'symbol = "{sv.symbol}"' in line
+    assert re.search(rf"->\s*\(tensor<{b}x1x16x{hd}xbf16>, tensor<{b}x16x1xf32>, "
+                     rf"tensor<{workspace_size(b, 16, 1, hd, 5)}xf32>\)", line)
