@@ -8,7 +8,9 @@
 `jax.nn.dot_product_attention(implementation=...)` under jax.jit; "direct" launches
 the same compiled FA4 object through the CuTe DSL runtime C API with ctypes,
 bypassing XLA, and is timed with CUDA events.  JAX paths are timed with
-block_until_ready over `--reps` back-to-back calls after warm-up.
+block_until_ready over `--reps` back-to-back calls after warm-up ("tflops"), and from
+the GPU trace of 8 chained calls in one program ("device_tflops": no host dispatch or
+final sync, which the host clock spreads over --reps calls).
 TFLOP/s = 4*b*h*sq*sk*d / time (halved for causal).
 """
 from __future__ import annotations
@@ -32,6 +34,9 @@ from jax_fa4.ffi_target import runtime_library_path  # noqa: E402
 from jax_fa4.kernels import get_object  # noqa: E402
 from jax_fa4.kernels.forward_abi import size_dims  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_time import device_time  # noqa: E402
+
 
 def flops(b, h, sq, sk, d, causal):
     f = 4.0 * b * h * sq * sk * d
@@ -39,6 +44,8 @@ def flops(b, h, sq, sk, d, causal):
 
 
 def time_jax(fn, args, reps, warmup=3):
+    """Seconds per call of the jitted fn(q, k, v): host clock over `reps` back-to-back
+    calls after warm-up (the first dispatch and the final sync are spread over reps)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
@@ -47,6 +54,22 @@ def time_jax(fn, args, reps, warmup=3):
         out = fn(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / reps
+
+
+def time_jax_device(fn, args, calls=8):
+    """GPU seconds per call of fn(q, k, v): `calls` calls chained in one jitted program
+    (each output is the next query, so XLA can neither merge nor reorder them), span of
+    its kernels in a profiler trace / calls: launch gaps inside the program count, the
+    host's dispatch and the final sync do not.  None without a GPU trace."""
+    q, k, v = args
+
+    @jax.jit
+    def chain(q, k, v):
+        for _ in range(calls):
+            q = fn(q, k, v).astype(q.dtype)
+        return q
+    dev = device_time(chain, q, k, v)
+    return dev[0] / calls if dev else None
 
 
 class DirectLauncher:
@@ -129,6 +152,10 @@ def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
                 f = jax.jit(lambda q, k, v, fn=fn, impl=impl: fn(
                     q, k, v, scale=scale, is_causal=causal, implementation=impl))
                 t = time_jax(f, (q, k, v), reps)
+                if d == (v.shape[-1]):  # chainable: the output can be the next query
+                    td = time_jax_device(f, (q, k, v))
+                    if td:
+                        res.setdefault("device_tflops", {})[name] = fl / td / 1e12
             res["tflops"][name] = fl / t / 1e12
         except Exception as e:  # record why a backend could not run this shape
             res["tflops"][name] = None
