@@ -42,7 +42,7 @@ from jax_fa4 import varlen
 from jax_fa4.kernels import split
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_time import device_time  # noqa: E402
+import device_time  # noqa: E402
 
 HEADS, KV_HEADS, PAGE = 32, 4, 64
 BATCHES, LENGTHS = (1, 8, 32), (4096, 8192, 16384, 32768, 65536, 131072)
@@ -79,20 +79,18 @@ def _spec(x):
 def time_chain(fn, q, caches, rest, reps, calls):
     """(device s, wall s) per call of fn(q, k, v, *rest), `calls` calls chained in one
     jitted program, call i reading caches[i % len(caches)]."""
-    @jax.jit
-    def loop(q, caches, *rest):
-        for i in range(calls):
-            kc, vc = caches[i % len(caches)]
-            q = fn(q, kc, vc, *rest).astype(q.dtype).reshape(q.shape)
-        return q
+    def step(i, q, caches, *rest):
+        kc, vc = caches[i % len(caches)]
+        return fn(q, kc, vc, *rest).astype(q.dtype).reshape(q.shape)
 
-    dev = device_time(loop, q, caches, *rest)
+    loop = device_time.chain(step, calls)
+    dev = device_time.per_call(loop, calls, q, caches, *rest)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(loop(q, caches, *rest))
         times.append(time.perf_counter() - t0)
-    return (dev[0] / calls if dev else float("nan")), float(np.median(times)) / calls
+    return (dev if dev is not None else float("nan")), float(np.median(times)) / calls
 
 
 def copy_ceiling(reps: int, nbytes: float = 2 * 2**30) -> float:
@@ -106,7 +104,7 @@ def copy_ceiling(reps: int, nbytes: float = 2 * 2**30) -> float:
             y = jax.lax.optimization_barrier(y * 1.0000001)
         return y
     f = jax.jit(passes)
-    dev = device_time(f, x)
+    dev = device_time.device_time(f, x)
     if dev:
         t = dev[0] / 8
     else:

@@ -35,7 +35,7 @@ from jax_fa4.kernels import get_object  # noqa: E402
 from jax_fa4.kernels.forward_abi import size_dims  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_time import device_time  # noqa: E402
+import device_time  # noqa: E402
 
 
 def flops(b, h, sq, sk, d, causal):
@@ -54,22 +54,6 @@ def time_jax(fn, args, reps, warmup=3):
         out = fn(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / reps
-
-
-def time_jax_device(fn, args, calls=8):
-    """GPU seconds per call of fn(q, k, v): `calls` calls chained in one jitted program
-    (each output is the next query, so XLA can neither merge nor reorder them), span of
-    its kernels in a profiler trace / calls: launch gaps inside the program count, the
-    host's dispatch and the final sync do not.  None without a GPU trace."""
-    q, k, v = args
-
-    @jax.jit
-    def chain(q, k, v):
-        for _ in range(calls):
-            q = fn(q, k, v).astype(q.dtype)
-        return q
-    dev = device_time(chain, q, k, v)
-    return dev[0] / calls if dev else None
 
 
 class DirectLauncher:
@@ -152,10 +136,11 @@ def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
                 f = jax.jit(lambda q, k, v, fn=fn, impl=impl: fn(
                     q, k, v, scale=scale, is_causal=causal, implementation=impl))
                 t = time_jax(f, (q, k, v), reps)
-                if d == (v.shape[-1]):  # chainable: the output can be the next query
-                    td = time_jax_device(f, (q, k, v))
-                    if td:
-                        res.setdefault("device_tflops", {})[name] = fl / td / 1e12
+                # the output (q's shape: V has d columns here) is the next query
+                td = device_time.per_call(device_time.chain(
+                    lambda i, q, k, v, f=f: f(q, k, v).astype(q.dtype), 8), 8, q, k, v)
+                if td:
+                    res.setdefault("device_tflops", {})[name] = fl / td / 1e12
             res["tflops"][name] = fl / t / 1e12
         except Exception as e:  # record why a backend could not run this shape
             res["tflops"][name] = None

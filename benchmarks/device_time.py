@@ -40,3 +40,22 @@ def device_time(f, *args):
     start = min(s for _, s, _ in events)
     end = max(s + d for _, s, d in events)
     return (end - start) * 1e-9, sum(d for _, _, d in events) * 1e-9, len(events)
+
+
+def chain(step, calls):
+    """A jitted program running x = step(i, x, *args) for i < calls: each call's output
+    is the next one's input, so XLA can neither merge nor reorder the calls."""
+    @jax.jit
+    def program(x, *args):
+        for i in range(calls):
+            x = step(i, x, *args)
+        return x
+    return program
+
+
+def per_call(program, calls, *args):
+    """GPU seconds per call of a `chain(step, calls)` program, None without a GPU trace:
+    its span / calls counts the launch gaps between the calls' kernels, not the host's
+    dispatch or the final sync."""
+    dev = device_time(program, *args)
+    return dev[0] / calls if dev else None

@@ -28,6 +28,7 @@ import numpy as np
 import jax_fa4
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import device_time  # noqa: E402
 from device_time import kernel_events  # noqa: E402
 
 
@@ -63,12 +64,10 @@ def decode_program(b, s, hd, layers, page=64, heads=32, kv_heads=4, tq=1):
     used = jnp.full((b,), s, jnp.int32)
     q = jax.random.normal(key, (b, tq, heads, hd), jnp.bfloat16)
 
-    @jax.jit
-    def program(q, caches, table, used):
-        for kc, vc in caches:
-            q = jax_fa4.paged_attention(q, kc, vc, table, used, is_causal=True).astype(q.dtype)
-        return q
-    return program, (q, caches, table, used)
+    def layer(i, q, caches, table, used):
+        kc, vc = caches[i]
+        return jax_fa4.paged_attention(q, kc, vc, table, used, is_causal=True).astype(q.dtype)
+    return device_time.chain(layer, layers), (q, caches, table, used)
 
 
 def layer_slices(events, layers):

@@ -5,38 +5,37 @@ set -eu
 dir=${1:-.device/kernels}
 jobs=${JOBS:-2}
 pc() { python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs" "$@"; }
-for calls in tests/gpu_cases.py tests/gpu_cases_paged.py tests/gpu_cases_split.py \
-             tests/gpu_cases_multi.py tests/gpu_cases_hdim512.py \
-             benchmarks/bench_paged.py benchmarks/bench_decode.py \
-             benchmarks/bench_decode_loop.py benchmarks/bench_guard_cost.py \
-             examples/gemma/kernel_calls.py; do
-  pc --calls "$calls"
-done
-# split calls planned by issue 18's plan (kernels/split.SPLIT_PLANS; the default plan
-# is built above): every split kernel the GPU suite and the benchmarks reach with it
-if [ "${JAX_FA4_SPLIT_PLAN:-issue17}" != issue18 ]; then
-  for calls in tests/gpu_cases_paged.py tests/gpu_cases_split.py tests/gpu_cases.py \
-               tests/gpu_cases_multi.py tests/gpu_cases_hdim512.py tests/gpu_cases_coverage.py \
-               tests/gpu_cases_fuzz.py tests/gpu_cases_memcheck.py tests/gpu_cases_lengths.py \
-               benchmarks/bench_decode.py examples/gemma/kernel_calls.py; do
-    JAX_FA4_SPLIT_PLAN=issue18 pc --calls "$calls"
+build_calls() {  # every calls file of the GPU tests and the benchmarks
+  for calls in tests/gpu_cases.py tests/gpu_cases_paged.py tests/gpu_cases_split.py \
+               tests/gpu_cases_multi.py tests/gpu_cases_hdim512.py \
+               benchmarks/bench_paged.py benchmarks/bench_decode.py \
+               benchmarks/bench_decode_loop.py benchmarks/bench_guard_cost.py \
+               examples/gemma/kernel_calls.py; do
+    pc --calls "$calls"
   done
-fi
-pc --calls tests/gpu_cases_backward.py --backward
-# every reachable kernel class (tests/plan_space.py) and the seeded fuzz calls
-# (JAX_FA4_FUZZ_SEED: the same seed must reach the GPU run); both build the backward
-# kernels of the calls marked grad
-pc --calls tests/gpu_cases_coverage.py --backward
-pc --calls tests/gpu_cases_fuzz.py --backward
-pc --calls tests/gpu_cases_memcheck.py  # compute-sanitizer cases
-pc --calls tests/gpu_cases_memory_safety.py  # out-of-range metadata (guard.py)
-pc --calls tests/gpu_cases_lengths.py --backward  # jax.nn's sequence lengths
-pc --calls tests/gpu_cases_parity.py --backward  # JAX's own attention tests
-# the issue's paged repros with the tiles planned before the cp.async fix (diagnostic)
-python tests/diag_cp_async_overrun.py --precompile "$dir"
-pc --calls benchmarks/bench_backward.py --backward
-pc --calls benchmarks/bench_forward.py  # issue 20's rows (--set issue20)
-pc --dtype bfloat16 --head-dim 64,128,256 --group 1 --mask none,causal  # bench_forward
+  pc --calls tests/gpu_cases_backward.py --backward
+  # every reachable kernel class (tests/plan_space.py) and the seeded fuzz calls
+  # (JAX_FA4_FUZZ_SEED: the same seed must reach the GPU run); both build the backward
+  # kernels of the calls marked grad
+  pc --calls tests/gpu_cases_coverage.py --backward
+  pc --calls tests/gpu_cases_fuzz.py --backward
+  pc --calls tests/gpu_cases_memcheck.py  # compute-sanitizer cases
+  pc --calls tests/gpu_cases_memory_safety.py  # out-of-range metadata (guard.py)
+  pc --calls tests/gpu_cases_lengths.py --backward  # jax.nn's sequence lengths
+  pc --calls tests/gpu_cases_parity.py --backward  # JAX's own attention tests
+  # the issue's paged repros with the tiles planned before the cp.async fix (diagnostic)
+  python tests/diag_cp_async_overrun.py --precompile "$dir"
+  pc --calls benchmarks/bench_backward.py --backward
+  pc --calls benchmarks/bench_forward.py  # issue 20's rows (--set issue20)
+  pc --dtype bfloat16 --head-dim 64,128,256 --group 1 --mask none,causal  # bench_forward
+}
+# once per split plan (kernels/split.SPLIT_PLANS: the default, and issue 18's, which the
+# GPU suite validates with JAX_FA4_SPLIT_PLAN=issue18); later passes find every kernel
+# that does not depend on the plan already built
+for plan in $(python -c "from jax_fa4.kernels.split import SPLIT_PLANS; print(*SPLIT_PLANS)"); do
+  echo "== split plan $plan" >&2
+  JAX_FA4_SPLIT_PLAN=$plan build_calls
+done
 # head dim 512: the non-default designs the GPU test and the benchmark launch directly
 python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g; \
 g.precompile_designs('$dir')"

@@ -133,9 +133,9 @@ def test_dict_round_trip():
 def _each_kind():
     """One variant of each kind, with nested configs that are not the defaults."""
     from jax_fa4.kernels.backward_config import BackwardVariant
-    from jax_fa4.kernels.split import DECODE_TILE, SplitVariant
+    from jax_fa4.kernels.split import SplitVariant, decode_tile
 
-    base = ForwardVariant("bfloat16", 128, 128, 8, has_seqused_k=True, tile=DECODE_TILE)
+    base = ForwardVariant("bfloat16", 128, 128, 8, has_seqused_k=True, tile=decode_tile(128, 64))
     return [(ForwardVariant("float16", 512, 512, 4, tile=config.hdim512_tile("split_pv")),
              "sm90_forward", "jax_fa4_fwd_"),
             (SplitVariant(base, fused_combine=False), "sm90_forward_split", "jax_fa4_fwds_"),

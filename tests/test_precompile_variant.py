@@ -14,13 +14,13 @@ from jax_fa4 import precompile
 from jax_fa4.kernels import ForwardVariant, MissingKernelError, cache, get_object
 from jax_fa4.kernels import compile as kcompile
 from jax_fa4.kernels.backward_config import BackwardVariant
-from jax_fa4.kernels.split import DECODE_TILE, SplitVariant
+from jax_fa4.kernels.split import SplitVariant, decode_tile
 
 FAKE_OBJECT = b"\x7fELF" + bytes(range(256)) * 16
 
 
 def each_kind():
-    base = ForwardVariant("bfloat16", 128, 128, 8, has_seqused_k=True, tile=DECODE_TILE)
+    base = ForwardVariant("bfloat16", 128, 128, 8, has_seqused_k=True, tile=decode_tile(128, 64))
     return [ForwardVariant("float16", 192, 128, 4, mask="local", window_left=True,
                            softcap=15.0, has_sinks=True),
             SplitVariant(base, fused_combine=False),

@@ -20,7 +20,8 @@ from jax_fa4 import split_primitive as split_kv
 from jax_fa4 import varlen
 from jax_fa4.validate import num_splits as check_num_splits
 from jax_fa4.kernels import split
-from jax_fa4.kernels.split import (DECODE_TILE, MAX_SPLITS, decode_tile,
+from jax_fa4.kernels.config import TileConfig
+from jax_fa4.kernels.split import (MAX_SPLITS, decode_tile,
                                    choose_num_splits, lse_region, split_variant,
                                    workspace_size)
 
@@ -249,7 +250,8 @@ def _paged_plan(hd, page, num_splits=None, **kw):
 
 def test_split_plans_the_decode_tile_for_64_token_pages():
     sv = _paged_plan(128, 64, num_splits=8).kernel_variant
-    assert sv.base.tile == DECODE_TILE and sv.base.paged_tma and sv.fused_combine
+    assert sv.base.tile == TileConfig(64, 64, True, True, num_stages=4)
+    assert sv.base.paged_tma and sv.fused_combine
     unsplit = _paged_plan(128, 64, num_splits=1).variant
     assert unsplit.tile.tile_m == 128 and not unsplit.paged_tma  # prefill tile, cp.async
     # other page sizes keep FA4's tile
@@ -268,6 +270,9 @@ def test_split_plans_decode_tiles_for_other_head_dims_and_128_token_pages(monkey
     assert _paged_plan(256, 128, num_splits=8).kernel_variant.base.tile.tile_m == 128
     assert decode_tile(256, 128) is None
     assert _paged_plan(128, 64, num_splits=8).kernel_variant.combine == "wide"
+    # with sinks JAX merges: no combine kernel, so no second object for the same code
+    unfused = _paged_plan(128, 64, num_splits=8, sinks=SDS((32,), jnp.float32)).kernel_variant
+    assert not unfused.fused_combine and unfused.combine == "fa4"
 
 
 def test_default_split_plan_is_the_gpu_validated_one():

@@ -50,7 +50,6 @@ MAX_HEAD_DIM = 512
 # Kernel designs whose epilogue the split-KV mixin replaces (validated on the GPU);
 # the other head-dim-512 designs (split-PV, single-QK) run unsplit.
 DESIGNS = ("fa4", "split_k")
-DECODE_TILE = TileConfig(64, 64, mma_pv_is_rs=True, intra_wg_overlap=True, num_stages=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +74,10 @@ SPLIT_PLANS = {
 # kernels (docs/PERF.md, issue 18): a configuration the dispatcher sends to a kernel
 # must have passed the GPU tests.  JAX_FA4_SPLIT_PLAN picks another (benchmarks, the
 # GPU suite, the Gemma example's before/after); bench_decode.py switches per call.
-PLAN = SPLIT_PLANS[os.environ.get("JAX_FA4_SPLIT_PLAN", "issue17")]
+_plan_name = os.environ.get("JAX_FA4_SPLIT_PLAN", "issue17")
+if _plan_name not in SPLIT_PLANS:
+    raise ValueError(f"JAX_FA4_SPLIT_PLAN={_plan_name!r}: expected one of {sorted(SPLIT_PLANS)}")
+PLAN = SPLIT_PLANS[_plan_name]
 
 
 # Shared memory a decode tile may fill with Q and its K/V stages: the H100's 227 KiB
@@ -126,11 +128,14 @@ class SplitVariant(KernelVariant):
     # FA4's combine kernel runs in the same launcher (results: out, lse, workspace);
     # False: the launcher writes the workspace only and JAX merges (sinks).
     fused_combine: bool = True
-    # combine_config's name ("fa4" or "wide"); only the fused combine reads it
+    # combine_config's name ("fa4" or "wide"): the fused combine's block shape (an
+    # unfused variant keeps "fa4", so it names no second object for the same code)
     combine: str = "fa4"
 
     def __post_init__(self):
         combine_config(self.combine, self.base.head_dim_v)  # validates the name
+        if not self.fused_combine and self.combine != "fa4":
+            raise ValueError("an unfused split variant has no combine block shape")
         b = self.base
         if b.q_layout != "dense" or b.kv_layout == "packed":
             raise ValueError("split-KV needs dense q and dense or paged k/v")
@@ -153,8 +158,8 @@ def decode_tile(head_dim: int, tile_n: int) -> TileConfig | None:
     """The decode tile for (head_dim, head_dim) K/V blocks of tile_n keys: 64 query rows
     (one MMA warpgroup: a decode step fills 8 rows at GQA 8, FA4's 128-row tiles use 8
     of 128) and as many K/V stages as fit DECODE_SMEM_BYTES, at most 4; None if fewer
-    than 2 fit.  (hdim 128, 64 keys: DECODE_TILE, 4 stages; hdim 256: 2 stages; hdim
-    128 with 128-token pages: 3.)"""
+    than 2 fit.  (hdim 128, 64 keys: 4 stages; hdim 256: 2; hdim 128 with 128-token
+    pages: 3.)"""
     pad = -(-head_dim // 16) * 16
     q_bytes = 64 * pad * 2
     stage_bytes = 2 * tile_n * pad * 2
@@ -190,7 +195,8 @@ def split_variant(v: ForwardVariant) -> SplitVariant:
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
     dense k/v get an explicit seqused_k)."""
     return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
-                        fused_combine=not v.has_sinks, combine=PLAN.combine)
+                        fused_combine=not v.has_sinks,
+                        combine=PLAN.combine if not v.has_sinks else "fa4")
 
 
 def lse_region(batch: int, heads: int, seq_q: int, splits: int) -> int:
