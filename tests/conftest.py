@@ -86,3 +86,43 @@ def poisoned_outputs():
     ffi_target.set_poison_outputs(True)
     yield
     ffi_target.set_poison_outputs(False)
+
+
+# JAX_FA4_PLAN_DIFF="issue17,issue18": keep only the GPU cases whose kernel differs
+# between those two split plans (kernels/split.SPLIT_PLANS), to validate a new plan in
+# one short device call.  A case is a test parameter that is a calls-file dict
+# (precompile.plan_call); a test without one is kept only in test_gpu_split.py and
+# test_gpu_paged.py, a case that cannot be planned here is kept.
+def _plan_key(case: dict, plan_name: str):
+    from jax_fa4.dispatch import Unsupported
+    from jax_fa4.kernels import split
+    from jax_fa4.precompile import plan_call
+
+    saved, split.PLAN = split.PLAN, split.SPLIT_PLANS[plan_name]
+    try:
+        return plan_call(case).kernel_variant.key()
+    except Unsupported:
+        return "fallback"
+    finally:
+        split.PLAN = saved
+
+
+def pytest_collection_modifyitems(config, items):
+    names = os.environ.get("JAX_FA4_PLAN_DIFF")
+    if not names:
+        return
+    a, b = names.split(",")
+    keep, drop = [], []
+    for item in items:
+        cases = [p for p in getattr(getattr(item, "callspec", None), "params", {}).values()
+                 if isinstance(p, dict)]
+        if not cases:
+            differs = item.path.name in ("test_gpu_split.py", "test_gpu_paged.py")
+        else:
+            try:
+                differs = any(_plan_key(c, a) != _plan_key(c, b) for c in cases)
+            except Exception:  # not a calls-file dict: keep it
+                differs = True
+        (keep if differs else drop).append(item)
+    items[:] = keep
+    config.hook.pytest_deselected(items=drop)
