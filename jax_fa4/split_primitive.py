@@ -21,7 +21,7 @@ from jax.interpreters import mlir
 from . import validate
 from .ffi_target import TARGET, call_attributes
 from .kernels.forward_abi import operands, size_dims
-from .kernels.split import lse_region, split_variant, workspace_size
+from .kernels.split import fused_regions, lse_region, split_variant, workspace_size
 
 
 def combine(o_part, lse_part, sinks, dtype):
@@ -56,16 +56,23 @@ def _forward(*args, params, obj: bytes):
     validate.split_grid(s, b)
     if "seqused_k" not in a:  # dense k/v: every key is used
         a["seqused_k"] = jnp.full((b,), a["k"].shape[1], jnp.int32)
-    ws_shape = jax.ShapeDtypeStruct((workspace_size(b, n, t, hv, s),), jnp.float32)
+    in_kernel = sv.combine == "fused"
+    ws_shape = jax.ShapeDtypeStruct((workspace_size(b, n, t, hv, s, fused=in_kernel),),
+                                    jnp.float32)
+    out_shape = jax.ShapeDtypeStruct((b, t, n, hv), q.dtype)
     results = (ws_shape,)
-    if sv.fused_combine:
-        results = (jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
-                   jax.ShapeDtypeStruct((b, n, t), jnp.float32), ws_shape)
+    if in_kernel:  # the LSE is a workspace region (kernels/forward_split_fused.py)
+        results = (out_shape, ws_shape)
+    elif sv.fused_combine:
+        results = (out_shape, jax.ShapeDtypeStruct((b, n, t), jnp.float32), ws_shape)
     res = jax.ffi.ffi_call(TARGET, results)(
         *(a[name] for name, _ in operands(sv.base)),
         **call_attributes(obj, sv.symbol, size_dims(sv.base),
                           [plan.window_left, plan.window_right, s], [params.scale]),
     )
+    if in_kernel:  # XLA drops this slice when nothing reads the LSE
+        at = fused_regions(b, n, t, hv, s)[0]
+        return res[0], res[1][at: at + b * n * t].reshape(b, n, t)
     if sv.fused_combine:
         return res[0], res[1]
     ws = res[0]

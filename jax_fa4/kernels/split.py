@@ -22,7 +22,7 @@ import math
 import os
 
 from .config import SPLIT_SOURCES, ForwardVariant, TileConfig
-from .variant import KernelVariant
+from .variant import KernelVariant, kernel_source_digest
 
 # Bump when the split launcher's argument convention (forward_split.py) changes.
 SPLIT_ABI = 2  # 2: padded LSE region; out and lse results when the combine is fused
@@ -69,6 +69,9 @@ SPLIT_PLANS = {
     "issue17": SplitPlan("fa4", (64, 128), (64,)),
     # Issue 18: the wide combine, decode tiles for head dims 64-256 and 128-token pages.
     "issue18": SplitPlan("wide", (64, 96, 128, 192, 256), (64, 128)),
+    # issue18's tiles with the combine inside the split kernel (forward_split_fused.py):
+    # the last split block of each (sequence, head, query tile) merges; one kernel.
+    "issue18f": SplitPlan("fused", (64, 96, 128, 192, 256), (64, 128)),
 }
 # The plan new calls get.  It stays "issue17" until the GPU suite has run "issue18"'s
 # kernels (docs/PERF.md, issue 18): a configuration the dispatcher sends to a kernel
@@ -97,6 +100,12 @@ class CombineConfig:
     k_block: int
     threads: int
     stages: int
+
+
+# The combines a split variant may use: FA4's combine kernel with one of
+# combine_config's block shapes, or "fused" (no combine kernel: the split kernel's
+# last-arriving block merges, kernels/forward_split_fused.py).
+COMBINES = ("fa4", "wide", "fused")
 
 
 def combine_config(name: str, head_dim_v: int) -> CombineConfig:
@@ -128,12 +137,14 @@ class SplitVariant(KernelVariant):
     # FA4's combine kernel runs in the same launcher (results: out, lse, workspace);
     # False: the launcher writes the workspace only and JAX merges (sinks).
     fused_combine: bool = True
-    # combine_config's name ("fa4" or "wide"): the fused combine's block shape (an
-    # unfused variant keeps "fa4", so it names no second object for the same code)
+    # One of COMBINES: combine_config's block shape ("fa4" or "wide") for FA4's combine
+    # kernel, or "fused" (the merge inside the split kernel).  An unfused variant keeps
+    # "fa4", so it names no second object for the same code.
     combine: str = "fa4"
 
     def __post_init__(self):
-        combine_config(self.combine, self.base.head_dim_v)  # validates the name
+        if self.combine not in COMBINES:
+            raise ValueError(f"unknown combine {self.combine!r} ({', '.join(COMBINES)})")
         if not self.fused_combine and self.combine != "fa4":
             raise ValueError("an unfused split variant has no combine block shape")
         b = self.base
@@ -145,8 +156,11 @@ class SplitVariant(KernelVariant):
     def key_extras(self) -> dict:
         # The base's whole key (its kind, ABI and sources too) and the combine kernel's
         # compiled split limit name the object as well.
-        return {"combine_log_max_splits": COMBINE_LOG_MAX_SPLITS,
-                "base_key": json.loads(self.base.key())}
+        extras = {"combine_log_max_splits": COMBINE_LOG_MAX_SPLITS,
+                  "base_key": json.loads(self.base.key())}
+        if self.combine == "fused":  # its kernel code is in one more module
+            extras["fused_source"] = kernel_source_digest("forward_split_fused.py")
+        return extras
 
     def describe_parts(self) -> list[str]:
         return [self.base.describe(), "split-KV" + (
@@ -205,9 +219,25 @@ def lse_region(batch: int, heads: int, seq_q: int, splits: int) -> int:
     return -(-n // 4) * 4
 
 
-def workspace_size(batch: int, heads: int, seq_q: int, head_dim_v: int, splits: int) -> int:
-    """float32 elements of the workspace (see the module docstring)."""
-    return lse_region(batch, heads, seq_q, splits) + splits * batch * heads * seq_q * head_dim_v
+def workspace_size(batch: int, heads: int, seq_q: int, head_dim_v: int, splits: int,
+                   fused: bool = False) -> int:
+    """float32 elements of the workspace (see the module docstring; `fused`: with the
+    final LSE and the arrival counters after it, see fused_regions)."""
+    n = lse_region(batch, heads, seq_q, splits) + splits * batch * heads * seq_q * head_dim_v
+    if fused:
+        n = fused_regions(batch, heads, seq_q, head_dim_v, splits)[1] + batch * heads * seq_q
+    return n
+
+
+def fused_regions(batch: int, heads: int, seq_q: int, head_dim_v: int,
+                  splits: int) -> tuple[int, int]:
+    """Offsets (float32 elements) of the final LSE (batch, heads, seq_q) and of the int32
+    arrival counters (batch * heads * seq_q of them; the kernel uses one per (sequence,
+    head, query tile)) in a fused-combine workspace, after o_partial; both padded to
+    16 bytes like the LSE partials."""
+    lse_at = lse_region(batch, heads, seq_q, splits) + splits * batch * heads * seq_q * head_dim_v
+    n = batch * heads * seq_q
+    return lse_at, lse_at + -(-n // 4) * 4
 
 
 def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,

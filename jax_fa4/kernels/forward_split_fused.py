@@ -1,0 +1,253 @@
+"""Split-KV forward with the combine inside the split kernel (SplitPlan combine "fused",
+kernels/split.py): one kernel where forward_split.py runs two.
+
+At batch 1 the combine kernel after the splits costs ~3 us of a 20-30 us decode call
+(docs/PERF.md, issue 18's timeline): a second grid that waits for the first to drain
+and flush, then walks every split.  Here the S split blocks of one (sequence, head,
+query tile) share an int32 arrival counter in the workspace.  Each block writes its
+partial O and LSE (SplitKVMixin.epilogue), fences, and bumps the counter; the block
+that arrives last merges the S partials of its rows -- just written, so read from L2 --
+into the output and the LSE.  No block waits for another.
+
+The counters are zeroed per call by a one-block kernel launched just before the split
+kernel.  It triggers the split kernel's launch at once (programmatic dependent launch),
+and the split kernel waits for it (griddepcontrol.wait, one thread) only before its
+first counter bump, so the zeroing costs no serial step.  The zeroing kernel is an
+ordinary launch: it starts after everything before it in the stream, and so does
+everything the split kernel reads.
+
+Workspace (float32 elements, kernels/split.fused_regions):
+    lse_partial (padded) | o_partial | lse (B, N, Tq) (padded) | counters (B*N*Tq int32)
+The final LSE lives in the workspace (the custom call's results are the output and
+the workspace): jax_fa4/split_primitive.py slices it out, and XLA drops the slice
+when nothing reads the LSE.
+"""
+from __future__ import annotations
+
+# forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
+from .forward import _DTYPES, _PTR_ALIGN, _fa4_kernel, _row_major, cuda, cute, cutlass
+from .forward_abi import operands, size_dims
+from .forward_split import SplitKVMixin
+from .split import SplitVariant
+
+from cutlass import Float32, Int32
+from cutlass._mlir.dialects import llvm
+from cutlass.cute.runtime import make_ptr
+from cutlass.cutlass_dsl import T, dsl_user_op
+from flash_attn.cute.named_barrier import NamedBarrierFwd
+from flash_attn.cute.pack_gqa import pack_gqa_layout
+from quack import layout_utils
+
+ZERO_THREADS = 256
+
+
+@dsl_user_op
+def _barrier_or(pred: Int32, barrier_id: int, num_threads: int, *, loc=None, ip=None) -> Int32:
+    """CUDA's __syncthreads_or over a named barrier: 1 in every participating thread if
+    `pred` was nonzero in any of them.  (The DSL's `barrier` has no reduction form.)"""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Int32(pred).ir_value(loc=loc, ip=ip)],
+        "{ .reg .pred p, q; setp.ne.u32 q, $1, 0; "
+        f"bar.red.or.pred p, {barrier_id}, {num_threads}, q; selp.u32 $0, 1, 0, p; }}",
+        "=r,r", has_side_effects=True, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+class FusedSplitKVMixin(SplitKVMixin):
+    """SplitKVMixin whose epilogue also merges, in the last-arriving split block, and
+    whose kernel is launched as a programmatic dependent of the counter-zeroing kernel.
+    `_fa4_cls` (set by fused_split_kernel) is the FA4 kernel class underneath."""
+
+    def kernel(self, *args, **kwargs):
+        # FA4 passes O as a TMA coordinate tensor when it stores O by TMA; the merge
+        # stores elements, so it gets the output itself, in FA4's kernel layout
+        # ((G, Tq) or Tq, hv, heads, S*B), where FA4's own epilogue (replaced) took O.
+        mO = layout_utils.select(self._o_raw, [1, 3, 2, 0])
+        if cutlass.const_expr(self.pack_gqa):
+            mO = pack_gqa_layout(mO, self.qhead_per_kvhead,
+                                 self._o_raw.shape[2] // self.qhead_per_kvhead, head_idx=2)
+        args = args[:3] + (mO,) + args[4:]
+        launcher = self._fa4_cls.kernel(self, *args, **kwargs)
+        launch = launcher.launch
+        launcher.launch = lambda *a, **kw: launch(*a, use_pdl=True, **kw)
+        return launcher
+
+    @cute.jit
+    def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
+                 tiled_mma, tidx, m_block, head_idx, batch_idx):
+        SplitKVMixin.epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O,
+                              tma_atom_O, tiled_mma, tidx, m_block, head_idx, batch_idx)
+        nthr = self.num_mma_threads  # the epilogue runs on every MMA warpgroup
+        S = seqlen.num_splits
+        b = seqlen.batch
+        hv = self.out_head_dim_v
+        # mLSE: ((G, Tq), KV heads, S*B) with pack_gqa, else (Tq, N, S*B); the regions
+        # after it as in forward_split (o_partial) and kernels/split.fused_regions.
+        rows = cute.size(mLSE.shape[0])
+        heads = cute.size(mLSE.shape[1])
+        n_lse = cute.size(mLSE.shape)
+        n_final = n_lse // S  # B*N*Tq
+        batches = cute.size(mLSE.shape[2]) // S
+        o_ptr = mLSE.iterator + (n_lse + 3) // 4 * 4
+        mOp = cute.make_tensor(o_ptr, cute.make_layout(
+            (mLSE.shape[0], hv, mLSE.shape[1], mLSE.shape[2]),
+            stride=(_scale(mLSE.stride[0], hv), 1, mLSE.stride[1] * hv, mLSE.stride[2] * hv)))
+        fl_ptr = o_ptr + n_lse * hv
+        # the final LSE (B, N, Tq) has the LSE partials' layout for virtual batch < B
+        mFL = cute.make_tensor(fl_ptr, mLSE.layout)
+        cnt = cute.make_tensor(cute.recast_ptr(fl_ptr + (n_final + 3) // 4 * 4, dtype=Int32),
+                               cute.make_layout(n_final))
+        m_blocks = (rows + self.tile_m - 1) // self.tile_m
+        slot = (b * heads + head_idx) * m_blocks + m_block
+
+        # Every thread fences its partial writes and meets the others at a barrier;
+        # then thread 0's gpu-scope acq_rel bump publishes them all (CUDA's
+        # threadfence-reduction pattern).  The arrival that completes S merges.
+        cute.arch.fence_acq_rel_gpu()
+        cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=nthr)
+        last = Int32(0)
+        if tidx == 0:
+            cute.arch.griddepcontrol_wait()  # the zeroing kernel's writes are visible
+            old = cute.arch.atomic_add(cnt.iterator + slot, Int32(1), sem="acq_rel",
+                                       scope="gpu")
+            if old == S - 1:
+                last = Int32(1)
+        last = _barrier_or(last, int(NamedBarrierFwd.Epilogue), nthr)
+        if last != 0:
+            cute.arch.fence_acq_rel_gpu()
+            row0 = m_block * self.tile_m
+            rows_here = cutlass.min(rows - row0, self.tile_m)
+            quads = hv // 4  # head dims are multiples of 8
+            for i in cutlass.range(tidx, rows_here * quads, nthr, unroll=1):
+                r = i // quads
+                row = row0 + r
+                c = (i - r * quads) * 4
+                m = -Float32.inf
+                l = Float32(0.0)
+                acc = cute.make_rmem_tensor((4,), Float32)
+                acc.fill(0.0)
+                for s in cutlass.range(S, unroll=4):
+                    vb = s * batches + b
+                    x = mLSE[row, head_idx, vb]
+                    if x > -Float32.inf:  # an empty split has LSE -inf and weight 0
+                        m_new = cutlass.max(m, x)
+                        alpha = cute.math.exp(m - m_new, fastmath=True)
+                        w = cute.math.exp(x - m_new, fastmath=True)
+                        l = l * alpha + w
+                        for j in cutlass.range_constexpr(4):
+                            acc[j] = acc[j] * alpha + w * mOp[row, c + j, head_idx, vb]
+                        m = m_new
+                inv = Float32(0.0)
+                if l > Float32(0.0):
+                    inv = Float32(1.0) / l
+                for j in cutlass.range_constexpr(4):
+                    mO[row, c + j, head_idx, b] = (acc[j] * inv).to(mO.element_type)
+                if c == 0:
+                    lse_out = -Float32.inf
+                    if l > Float32(0.0):
+                        lse_out = m + cute.math.log(l, fastmath=True)
+                    mFL[row, head_idx, b] = lse_out
+
+
+def _scale(stride, k):
+    return tuple(_scale(s, k) for s in stride) if isinstance(stride, tuple) else stride * k
+
+
+def fused_split_kernel(fa):
+    """`fa` (an FA4 SM90 forward kernel object) with the fused split-KV overrides."""
+    cls = type(fa)
+    fa.__class__ = type(cls.__name__ + "FusedSplit", (FusedSplitKVMixin, cls), {})
+    fa._fa4_cls = cls
+    return fa
+
+
+class _ZeroCounters:
+    """Zeroes the workspace's arrival counters, then lets the split kernel launch."""
+
+    @cute.jit
+    def __call__(self, cnt: cute.Tensor, stream: cuda.CUstream):
+        n = cute.size(cnt.shape)
+        self.kernel(cnt).launch(grid=[(n + ZERO_THREADS - 1) // ZERO_THREADS, 1, 1],
+                                block=[ZERO_THREADS, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, cnt: cute.Tensor):
+        cute.arch.griddepcontrol_launch_dependents()
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        i = bidx * ZERO_THREADS + tidx
+        if i < cute.size(cnt.shape):
+            cnt[i] = Int32(0)
+
+
+def _make_launcher(sv: SplitVariant):
+    v = sv.base
+    fa = fused_split_kernel(_fa4_kernel(v))
+    fa.out_head_dim_v = v.head_dim_v
+    local = v.mask == "local"
+    ops = operands(v)
+    zero = _ZeroCounters()
+
+    @cute.jit
+    def launch(stream: cuda.CUstream, *args):
+        # args: operand pointers, out, workspace, every operand dimension, wl, wr,
+        # splits, scale (forward_split's convention with results (out, workspace)).
+        wl, wr, splits, scale = args[-4], args[-3], args[-2], args[-1]
+        ptrs, (out_ptr, w_ptr), sizes = args[:len(ops)], args[len(ops):len(ops) + 2], args[len(ops) + 2:-4]
+        t, at = {}, 0
+        for i, (name, rank) in enumerate(ops):
+            dims = list(sizes[at:at + rank])
+            at += rank
+            if name in ("q", "k", "v"):
+                dims[-1] = v.head_dim_v if name == "v" else v.head_dim
+            t[name] = (dims, ptrs[i])
+        (b, tq, n, _), q_ptr = t["q"]
+        vb = b * splits
+        q = _row_major(q_ptr, [vb, tq, n, v.head_dim], aligned=True)
+        # The real output, declared with S*B sequences; only sequence b < B is written.
+        o = _row_major(out_ptr, [vb, tq, n, v.head_dim_v], aligned=True)
+        k = _row_major(t["k"][1], t["k"][0], aligned=True)
+        vv = _row_major(t["v"][1], t["v"][0], aligned=True)
+        used = cute.make_tensor(t["seqused_k"][1],
+                                cute.make_layout(((b, splits),), stride=((1, 0),)))
+        table = None
+        if cutlass.const_expr(v.kv_layout == "paged"):
+            (tb, pages), pt_ptr = t["page_table"]
+            table = cute.make_tensor(pt_ptr, cute.make_layout(((tb, splits), pages),
+                                                              stride=((pages, 0), 1)))
+        lse = _row_major(w_ptr, [vb, n, tq], aligned=False)
+        fa._o_raw = o  # see FusedSplitKVMixin.kernel
+        n_lse = vb * n * tq
+        n_final = b * n * tq
+        cnt_ptr = w_ptr + (n_lse + 3) // 4 * 4 + n_lse * v.head_dim_v + (n_final + 3) // 4 * 4
+        zero(cute.make_tensor(cute.recast_ptr(cnt_ptr, dtype=Int32), cute.make_layout(n_final)),
+             stream)
+        fa(
+            q, k, vv, o, lse, scale,
+            None, None, None, used, table,
+            wl if cutlass.const_expr(local and v.window_left) else None,
+            wr if cutlass.const_expr(local and v.window_right) else None,
+            None,
+            stream=stream,
+        )
+
+    return launch
+
+
+def compile_split_fused(sv: SplitVariant) -> bytes:
+    """Compiles `sv` (combine "fused") for sm_90a; the object holds launcher and cubins."""
+    launch = _make_launcher(sv)
+    v = sv.base
+    dt = _DTYPES[v.dtype]
+    gmem = cute.AddressSpace.gmem
+    ptrs = []
+    for name, _ in operands(v):
+        align = _PTR_ALIGN.get(name, 4)
+        ptrs.append(make_ptr(dt if name in ("q", "k", "v") else Int32, align, gmem,
+                             assumed_align=align))
+    ptrs += [make_ptr(dt, 16, gmem, assumed_align=16),  # out
+             make_ptr(Float32, 16, gmem, assumed_align=16)]  # workspace
+    sizes = [Int32(1) for _ in size_dims(v)]
+    compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
+                            Int32(1), Float32(1.0))
+    return compiled.dump_to_object(sv.symbol)
