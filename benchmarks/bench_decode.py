@@ -51,7 +51,7 @@ SWEEP = [(1, 16384), (1, 32768), (1, 131072), (8, 32768)]  # hdim 128, Tq 1
 SWEEP_SPLITS = (4, 8, 12, 16, 20, 24, 28, 33, 40, 66, 128)
 XLA_MAX_TOKENS = 8 * 32768  # the pure-JAX path gathers every page: memory and time
 L2_FLUSH_BYTES = 160e6  # > the H100's 50 MB / H200's 60 MB L2, with margin
-IMPLS = ("split", "before", "unsplit", "pallas", "xla")
+IMPLS = ("split", "fused", "before", "unsplit", "pallas", "xla")
 
 
 def _call(b, s, hd, tq=1, num_splits=None):
@@ -149,6 +149,9 @@ def _impls(args, b, s, tq, plan):
     if "unsplit" in args.impls and plan.num_splits > 1 and tq == 1:  # else "split"'s kernel
         out.append(("unsplit", functools.partial(fa4, implementation="fa4", num_splits=1),
                     "ours"))
+    if "fused" in args.impls:  # issue 18's tiles, the combine inside the split kernel
+        out.append(("fused", _planned("issue18f", functools.partial(fa4, implementation="fa4")),
+                    "ours"))
     if "before" in args.impls:  # the split path as issue 17 left it
         out.append(("before", _planned("issue17", functools.partial(fa4, implementation="fa4")),
                     "ours"))
@@ -216,7 +219,7 @@ def bench_row(args, b, s, hd, tq):
 def markdown(res: dict) -> str:
     """PERF.md tables (one per head dim and Tq) from a results JSON; columns for the
     implementations the file has."""
-    names = {"split": "split", "before": "before (issue 17)", "unsplit": "unsplit",
+    names = {"split": "split", "fused": "fused combine", "before": "before (issue 17)", "unsplit": "unsplit",
              "pallas": "pallas", "xla": "xla"}
     have = [k for k in names if any(k in r["tb_s"] or k in r.get("errors", {})
                                     for r in res["rows"])]
@@ -252,7 +255,8 @@ def plot(res: dict, path: str) -> None:
     batches = sorted({r["b"] for r in res["rows"]})
     colours = dict(zip(batches, ("tab:blue", "tab:red", "tab:green", "tab:purple")))
     markers = {1: "o", 4: "s", 8: "^"}
-    styles = {"split": "-", "before": (0, (1, 1)), "unsplit": ":", "pallas": "--", "xla": "-."}
+    styles = {"split": "-", "fused": (0, (5, 1)), "before": (0, (1, 1)), "unsplit": ":",
+              "pallas": "--", "xla": "-."}
     fig, axes = plt.subplots(1, len(hdims), figsize=(5 * len(hdims), 4.4), sharey=True,
                              squeeze=False)
     handles = {}

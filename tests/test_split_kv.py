@@ -389,3 +389,37 @@ def test_issue18_plan_compiles_and_lowers(hd, page, monkeypatch):
     assert f'symbol = "{sv.symbol}"' in line
     assert re.search(rf"->\s*\(tensor<{b}x1x16x{hd}xbf16>, tensor<{b}x16x1xf32>, "
                      rf"tensor<{workspace_size(b, 16, 1, hd, 5)}xf32>\)", line)
+
+
+@requires_compiler
+@pytest.mark.compile
+@pytest.mark.usefixtures("_own_cache")
+@pytest.mark.parametrize("q_heads", [16, 2])  # GQA 8 (packed) and group 1
+def test_fused_combine_plan_compiles_and_lowers(q_heads, monkeypatch):
+    """Plan issue18f: the split kernel merges in its last-arriving block
+    (kernels/forward_split_fused.py).  It compiles for sm_90a and lowers to one custom
+    call with results (out, workspace); the LSE is a slice of the workspace."""
+    monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS["issue18f"])
+    b, pages, kh, mp, hd, s = 2, 64, 2, 32, 128, 5
+    args = [SDS((b, 1, q_heads, hd), jnp.bfloat16), SDS((pages, 64, kh, hd), jnp.bfloat16),
+            SDS((pages, 64, kh, hd), jnp.bfloat16), SDS((b, mp), jnp.int32),
+            SDS((b,), jnp.int32)]
+    sv = varlen.kernel_plan("paged_attention", q=args[0], k_cache=args[1], v_cache=args[2],
+                            page_table=args[3], seqused_k=args[4], is_causal=True,
+                            num_splits=s).kernel_variant
+    assert sv.combine == "fused" and "fused_source" in sv.key()
+    from jax_fa4.kernels import compile as kernel_compile
+    with kernel_compile.target_sm90():
+        from jax_fa4.kernels.forward_split_fused import compile_split_fused
+        assert len(compile_split_fused(sv)) > 10_000
+    ws = workspace_size(b, q_heads, 1, hd, s, fused=True)
+    assert ws == split.fused_regions(b, q_heads, 1, hd, s)[1] + b * q_heads
+    for return_lse in (False, True):
+        f = functools.partial(jax_fa4.paged_attention, is_causal=True, implementation="fa4",
+                              num_splits=s, return_lse=return_lse)
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        line = _call_line(text)
+        assert f'symbol = "{sv.symbol}"' in line
+        assert re.search(rf"->\s*\(tensor<{b}x1x{q_heads}x{hd}xbf16>, tensor<{ws}xf32>\)", line)
+        if return_lse:  # (unread, the slice is dead code XLA's DCE removes)
+            assert re.search(rf"stablehlo.slice .*tensor<{ws}xf32>", text)
