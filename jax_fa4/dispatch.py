@@ -16,7 +16,7 @@ from .kernels.backward_config import BackwardVariant
 from .kernels.config import ForwardVariant, cp_async_tile, sm90_forward_tile
 from .kernels.split import DESIGNS as SPLIT_DESIGNS
 from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
-from .kernels.split import choose_num_splits, decode_variant, split_variant
+from .kernels.split import choose_num_splits, decode_variant, split_combine, split_variant
 
 _INT32_MAX = 2**31 - 1
 
@@ -57,11 +57,16 @@ class KernelPlan:
     # (causal): the plain kernel is exact when no query row's window reaches a padded
     # key, a device-side fact (execute.py checks it, else runs the pure-JAX path).
     lengths_check: bool = False
+    # The split kernel's combine (kernels/split.split_combine), fixed when the call is
+    # planned: the plan, not the lowering, owns it (a benchmark switching split plans
+    # per call gets the combine it planned with).
+    combine: str | None = None
 
     @property
     def kernel_variant(self):
         """The compiled object this plan runs: `variant`, or its split-KV kernel."""
-        return self.variant if self.num_splits == 1 else split_variant(self.variant)
+        return (self.variant if self.num_splits == 1
+                else split_variant(self.variant, self.combine))
 
     def splits_for(self, batch: int, heads_k: int) -> int:
         """The split count for the shapes the call is lowered with: a heuristic count is
@@ -219,7 +224,7 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
         return plan
     v = decode_variant(v, page_size)
     return dataclasses.replace(plan, variant=v, num_splits=num_splits,
-                               split_key_blocks=key_blocks)
+                               split_key_blocks=key_blocks, combine=split_combine(v))
 
 
 def _kernel_plan(c, window, *, cap: int, **layout) -> KernelPlan:

@@ -128,8 +128,8 @@ if [[ $what == *,gemma,* ]]; then
   # GEMMA_RUNS: jax_fa4, xla, jax_fa4_issue17 and jax_fa4_issue18 (split calls planned
   # by that kernels/split.SPLIT_PLANS entry)
   for run in ${GEMMA_RUNS:-jax_fa4 xla}; do
-    att=${run%_issue1[78]}; warm=1; [ $att = xla ] && warm=0
-    plan=${JAX_FA4_SPLIT_PLAN:-issue17}; [ $run != $att ] && plan=${run#jax_fa4_}
+    att=${run%_issue1[78]*}; warm=1; [ $att = xla ] && warm=0
+    plan=${JAX_FA4_SPLIT_PLAN:-issue18}; [ $run != $att ] && plan=${run#jax_fa4_}
     JAX_FA4_SPLIT_PLAN=$plan timeout ${BENCH_TIMEOUT:-3000} python3 -u -m examples.gemma \
       --preset mid --attention $att --warmup $warm --progress-every 0 \
       --json "$OUT/gemma_mid_$run.json" ${GEMMA_ARGS:-} 2>&1 | tee "$OUT/gemma_$run.log" | quiet

@@ -276,11 +276,13 @@ def test_split_plans_decode_tiles_for_other_head_dims_and_128_token_pages(monkey
 
 
 def test_default_split_plan_is_the_gpu_validated_one():
-    """Until the GPU suite has run issue 18's kernels, calls get issue 17's plan."""
-    assert split.PLAN == split.SPLIT_PLANS[os.environ.get("JAX_FA4_SPLIT_PLAN", "issue17")]
+    """Calls get issue 18's plan (its GPU cases passed on 2026-12-07); the fused
+    combine (issue18f) waits for its own."""
+    assert split.DEFAULT_PLAN == "issue18"
+    assert split.PLAN == split.SPLIT_PLANS[os.environ.get("JAX_FA4_SPLIT_PLAN", "issue18")]
     if "JAX_FA4_SPLIT_PLAN" not in os.environ:
         sv = _paged_plan(96, 64, num_splits=8).kernel_variant
-        assert sv.combine == "fa4" and sv.base.tile.tile_m != 64
+        assert sv.combine == "wide" and sv.base.tile.tile_m == 64
 
 
 def test_head_dim_512_splits():

@@ -100,10 +100,10 @@ class FusedSplitKVMixin(SplitKVMixin):
         m_blocks = (rows + self.tile_m - 1) // self.tile_m
         slot = (b * heads + head_idx) * m_blocks + m_block
 
-        # Every thread fences its partial writes and meets the others at a barrier;
-        # then thread 0's gpu-scope acq_rel bump publishes them all (CUDA's
-        # threadfence-reduction pattern).  The arrival that completes S merges.
-        cute.arch.fence_acq_rel_gpu()
+        # The threads' partial writes meet at a barrier; thread 0's gpu-scope acq_rel
+        # bump then publishes them all and, in the last block, acquires everyone
+        # else's (causality runs through the CTA barriers: CUTLASS's semaphore
+        # pattern, no fence per thread).  The arrival that completes S merges.
         cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=nthr)
         last = Int32(0)
         if tidx == 0:
@@ -114,7 +114,6 @@ class FusedSplitKVMixin(SplitKVMixin):
                 last = Int32(1)
         last = _barrier_or(last, int(NamedBarrierFwd.Epilogue), nthr)
         if last != 0:
-            cute.arch.fence_acq_rel_gpu()
             row0 = m_block * self.tile_m
             rows_here = cutlass.min(rows - row0, self.tile_m)
             quads = hv // 4  # head dims are multiples of 8
@@ -122,21 +121,23 @@ class FusedSplitKVMixin(SplitKVMixin):
                 r = i // quads
                 row = row0 + r
                 c = (i - r * quads) * 4
+                # Two passes whose loads do not wait on each other's results (L2 round
+                # trips overlap; a one-pass online merge made each split a serial step,
+                # +12 us at batch 1, measured): the LSE maximum, then the weighted sum.
                 m = -Float32.inf
+                for s in cutlass.range(S, unroll=8):
+                    m = cutlass.max(m, mLSE[row, head_idx, s * batches + b])
+                if m == -Float32.inf:  # no split saw a key: weights exp(-inf) = 0
+                    m = Float32(0.0)
                 l = Float32(0.0)
                 acc = cute.make_rmem_tensor((4,), Float32)
                 acc.fill(0.0)
-                for s in cutlass.range(S, unroll=4):
+                for s in cutlass.range(S, unroll=8):
                     vb = s * batches + b
-                    x = mLSE[row, head_idx, vb]
-                    if x > -Float32.inf:  # an empty split has LSE -inf and weight 0
-                        m_new = cutlass.max(m, x)
-                        alpha = cute.math.exp(m - m_new, fastmath=True)
-                        w = cute.math.exp(x - m_new, fastmath=True)
-                        l = l * alpha + w
-                        for j in cutlass.range_constexpr(4):
-                            acc[j] = acc[j] * alpha + w * mOp[row, c + j, head_idx, vb]
-                        m = m_new
+                    w = cute.math.exp(mLSE[row, head_idx, vb] - m, fastmath=True)
+                    l = l + w
+                    for j in cutlass.range_constexpr(4):
+                        acc[j] = acc[j] + w * mOp[row, c + j, head_idx, vb]
                 inv = Float32(0.0)
                 if l > Float32(0.0):
                     inv = Float32(1.0) / l

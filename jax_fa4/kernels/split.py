@@ -73,11 +73,13 @@ SPLIT_PLANS = {
     # the last split block of each (sequence, head, query tile) merges; one kernel.
     "issue18f": SplitPlan("fused", (64, 96, 128, 192, 256), (64, 128)),
 }
-# The plan new calls get.  It stays "issue17" until the GPU suite has run "issue18"'s
-# kernels (docs/PERF.md, issue 18): a configuration the dispatcher sends to a kernel
-# must have passed the GPU tests.  JAX_FA4_SPLIT_PLAN picks another (benchmarks, the
-# GPU suite, the Gemma example's before/after); bench_decode.py switches per call.
-_plan_name = os.environ.get("JAX_FA4_SPLIT_PLAN", "issue17")
+# The plan new calls get: the newest whose kernels passed the GPU suite.  "issue18"
+# did on 2026-12-07 (H100: every GPU case whose kernel differs from issue17's, 169 of
+# 169, fuzz seed 20261208; docs/PERF.md).  "issue18f" is not the default until its
+# cases pass.  JAX_FA4_SPLIT_PLAN picks another (benchmarks, the GPU suite, the Gemma
+# example's before/after); bench_decode.py switches per call.
+DEFAULT_PLAN = "issue18"
+_plan_name = os.environ.get("JAX_FA4_SPLIT_PLAN", DEFAULT_PLAN)
 if _plan_name not in SPLIT_PLANS:
     raise ValueError(f"JAX_FA4_SPLIT_PLAN={_plan_name!r}: expected one of {sorted(SPLIT_PLANS)}")
 PLAN = SPLIT_PLANS[_plan_name]
@@ -205,12 +207,25 @@ def decode_variant(v: ForwardVariant, page_size: int | None) -> ForwardVariant:
     return v
 
 
-def split_variant(v: ForwardVariant) -> SplitVariant:
+def split_combine(v: ForwardVariant) -> str:
+    """The combine split calls planned as `v` take under PLAN (decided when the call is
+    planned: dispatch records it in the plan).  Sinks merge in JAX, so their unfused
+    variant keeps "fa4"; the in-kernel merge ("fused") serves FA4's kernel design only
+    -- the head-dim-512 split-K epilogue places O over two warpgroups its own way, and
+    the merge failed there on the GPU (H100, 2026-12-07) -- so split-K takes "wide"."""
+    if v.has_sinks:
+        return "fa4"
+    if PLAN.combine == "fused" and v.tile.design != "fa4":
+        return "wide"
+    return PLAN.combine
+
+
+def split_variant(v: ForwardVariant, combine: str | None = None) -> SplitVariant:
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
-    dense k/v get an explicit seqused_k)."""
+    dense k/v get an explicit seqused_k) with `combine` (default: split_combine(v))."""
     return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
                         fused_combine=not v.has_sinks,
-                        combine=PLAN.combine if not v.has_sinks else "fa4")
+                        combine=split_combine(v) if combine is None else combine)
 
 
 def lse_region(batch: int, heads: int, seq_q: int, splits: int) -> int:
