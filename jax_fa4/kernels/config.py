@@ -34,6 +34,8 @@ HDIM512_DESIGNS = DESIGNS[1:]
 FORWARD_SOURCES = ("forward.py", "forward_abi.py", "forward_hdim512.py",
                    "forward_hdim512_splitk.py")
 SPLIT_SOURCES = ("forward_split.py",)  # on top of the base variant's FORWARD_SOURCES
+# and, for a split variant whose combine is "fused" (the merge inside the split kernel)
+FUSED_SPLIT_SOURCES = ("forward_split_fused.py",)
 BACKWARD_SOURCES = ("backward.py", "backward_abi.py", "forward.py")
 
 

@@ -21,7 +21,7 @@ import json
 import math
 import os
 
-from .config import SPLIT_SOURCES, ForwardVariant, TileConfig
+from .config import FUSED_SPLIT_SOURCES, SPLIT_SOURCES, ForwardVariant, TileConfig
 from .variant import KernelVariant, kernel_source_digest
 
 # Bump when the split launcher's argument convention (forward_split.py) changes.
@@ -161,7 +161,7 @@ class SplitVariant(KernelVariant):
         extras = {"combine_log_max_splits": COMBINE_LOG_MAX_SPLITS,
                   "base_key": json.loads(self.base.key())}
         if self.combine == "fused":  # its kernel code is in one more module
-            extras["fused_source"] = kernel_source_digest("forward_split_fused.py")
+            extras["fused_source"] = kernel_source_digest(*FUSED_SPLIT_SOURCES)
         return extras
 
     def describe_parts(self) -> list[str]:
