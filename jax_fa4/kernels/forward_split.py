@@ -113,9 +113,33 @@ def _scale(stride, k):
     return tuple(_scale(s, k) for s in stride) if isinstance(stride, tuple) else stride * k
 
 
+# Shared-memory carveout (percent of the unified L1/shared array) for every kernel of
+# a split call: an SM switches carveout only when idle, so a combine kernel with the
+# driver's default carveout for its 20 KB, between split kernels that need ~150 KB,
+# makes SMs reconfigure before the next call's split blocks can start.
+SMEM_CARVEOUT = 100
+
+
 class SplitKVMixin:
     """Turns an FA4 SM90 forward kernel (FlashAttentionForwardSm90 or a subclass, e.g.
-    a larger-head-dim one) into its split-KV form; see the module docstring."""
+    a larger-head-dim one) into its split-KV form; see the module docstring.
+
+    The kernel is launched as a programmatic dependent (PDL) of whatever precedes it in
+    the stream: its launch and prologue (barrier setup, descriptor prefetch) overlap
+    that kernel's tail, and `load` and `mma` wait for that grid (griddepcontrol.wait)
+    before their first global access.  `_fa4_cls`: the FA4 class underneath (set by
+    split_kernel)."""
+
+    # False where the launcher guarantees the preceding grid is done before the kernel
+    # launches (kernels/forward_split_fused.py: its zeroing kernel is an ordinary launch)
+    _wait_for_prior_grid = True
+
+    def kernel(self, *args, **kwargs):
+        launcher = self._fa4_cls.kernel(self, *args, **kwargs)
+        launch = launcher.launch
+        launcher.launch = lambda *a, **kw: launch(
+            *a, use_pdl=True, preferred_smem_carveout=SMEM_CARVEOUT, **kw)
+        return launcher
 
     def _split_block_info(self, block_info):
         fields = {f.name: getattr(block_info, f.name) for f in dataclasses.fields(BlockInfo)}
@@ -126,6 +150,8 @@ class SplitKVMixin:
         args, kwargs = _rebind(_LOAD_SIG, (self,) + args, kwargs,
                                block_info=self._split_block_info(a["block_info"]),
                                SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
+        if self._wait_for_prior_grid:  # nothing global is read before this
+            cute.arch.griddepcontrol_wait()
         return super().load(*args[1:], **kwargs)
 
     def mma(self, *args, **kwargs):
@@ -134,6 +160,8 @@ class SplitKVMixin:
         self._split_bi = self._split_block_info(a["block_info"])
         args, kwargs = _rebind(_MMA_SIG, (self,) + args, kwargs, block_info=self._split_bi,
                                SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
+        if self._wait_for_prior_grid:  # nor written (its epilogue runs inside mma)
+            cute.arch.griddepcontrol_wait()
         return super().mma(*args[1:], **kwargs)
 
     @cute.jit
@@ -186,6 +214,7 @@ def split_kernel(fa):
     becomes a subclass of SplitKVMixin and the original class."""
     cls = type(fa)
     fa.__class__ = type(cls.__name__ + "Split", (SplitKVMixin, cls), {})
+    fa._fa4_cls = cls
     return fa
 
 
@@ -200,7 +229,8 @@ class _CombineAfterSplit(FlashAttentionForwardCombine):
     def kernel(self, *args, **kwargs):
         launcher = FlashAttentionForwardCombine.kernel(self, *args, **kwargs)
         launch = launcher.launch
-        launcher.launch = lambda *a, **kw: launch(*a, use_pdl=True, **kw)
+        launcher.launch = lambda *a, **kw: launch(
+            *a, use_pdl=True, preferred_smem_carveout=SMEM_CARVEOUT, **kw)
         return launcher
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 # forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
 from .forward import _DTYPES, _PTR_ALIGN, _fa4_kernel, _row_major, cuda, cute, cutlass
 from .forward_abi import operands, size_dims
-from .forward_split import SplitKVMixin
+from .forward_split import SMEM_CARVEOUT, SplitKVMixin
 from .split import SplitVariant
 
 from cutlass import Float32, Int32
@@ -58,6 +58,10 @@ class FusedSplitKVMixin(SplitKVMixin):
     whose kernel is launched as a programmatic dependent of the counter-zeroing kernel.
     `_fa4_cls` (set by fused_split_kernel) is the FA4 kernel class underneath."""
 
+    # The zeroing kernel before it is an ordinary launch: everything the split kernel
+    # reads is done before it launches, so only the counter bump waits (for the zeroing).
+    _wait_for_prior_grid = False
+
     def kernel(self, *args, **kwargs):
         # FA4 passes O as a TMA coordinate tensor when it stores O by TMA; the merge
         # stores elements, so it gets the output itself, in FA4's kernel layout
@@ -69,7 +73,8 @@ class FusedSplitKVMixin(SplitKVMixin):
         args = args[:3] + (mO,) + args[4:]
         launcher = self._fa4_cls.kernel(self, *args, **kwargs)
         launch = launcher.launch
-        launcher.launch = lambda *a, **kw: launch(*a, use_pdl=True, **kw)
+        launcher.launch = lambda *a, **kw: launch(
+            *a, use_pdl=True, preferred_smem_carveout=SMEM_CARVEOUT, **kw)
         return launcher
 
     @cute.jit
@@ -169,7 +174,8 @@ class _ZeroCounters:
     def __call__(self, cnt: cute.Tensor, stream: cuda.CUstream):
         n = cute.size(cnt.shape)
         self.kernel(cnt).launch(grid=[(n + ZERO_THREADS - 1) // ZERO_THREADS, 1, 1],
-                                block=[ZERO_THREADS, 1, 1], stream=stream)
+                                block=[ZERO_THREADS, 1, 1], stream=stream,
+                                preferred_smem_carveout=SMEM_CARVEOUT)
 
     @cute.kernel
     def kernel(self, cnt: cute.Tensor):
