@@ -51,7 +51,7 @@ SWEEP = [(1, 16384), (1, 32768), (1, 131072), (8, 32768)]  # hdim 128, Tq 1
 SWEEP_SPLITS = (4, 8, 12, 16, 20, 24, 28, 33, 40, 66, 128)
 XLA_MAX_TOKENS = 8 * 32768  # the pure-JAX path gathers every page: memory and time
 L2_FLUSH_BYTES = 160e6  # > the H100's 50 MB / H200's 60 MB L2, with margin
-IMPLS = ("split", "fused", "before", "unsplit", "pallas", "xla")
+IMPLS = ("split", "pdl", "fused", "before", "unsplit", "pallas", "xla")
 
 
 def _call(b, s, hd, tq=1, num_splits=None):
@@ -141,8 +141,11 @@ def _impls(args, b, s, tq, plan):
     """(name, attention fn of (q, k, v, table, used), cache layout) to time."""
     fa4 = functools.partial(jax_fa4.paged_attention, is_causal=True)
     out = []
-    if "split" in args.impls:
-        out.append(("split", _planned("issue18", functools.partial(fa4, implementation="fa4")),
+    if "split" in args.impls:  # the default plan
+        out.append(("split", _planned(split.DEFAULT_PLAN,
+                                      functools.partial(fa4, implementation="fa4")), "ours"))
+    if "pdl" in args.impls:  # issue18 with programmatic-dependent split launches
+        out.append(("pdl", _planned("issue18p", functools.partial(fa4, implementation="fa4")),
                     "ours"))
     # The unsplit kernel and the pure-JAX path are Tq 1 baselines (Tq 4/8 compare the
     # split path with its own Tq 1 row).
@@ -219,7 +222,8 @@ def bench_row(args, b, s, hd, tq):
 def markdown(res: dict) -> str:
     """PERF.md tables (one per head dim and Tq) from a results JSON; columns for the
     implementations the file has."""
-    names = {"split": "split", "fused": "fused combine", "before": "before (issue 17)", "unsplit": "unsplit",
+    names = {"split": "split", "pdl": "split, PDL launch", "fused": "fused combine",
+             "before": "before (issue 17)", "unsplit": "unsplit",
              "pallas": "pallas", "xla": "xla"}
     have = [k for k in names if any(k in r["tb_s"] or k in r.get("errors", {})
                                     for r in res["rows"])]
@@ -255,7 +259,8 @@ def plot(res: dict, path: str) -> None:
     batches = sorted({r["b"] for r in res["rows"]})
     colours = dict(zip(batches, ("tab:blue", "tab:red", "tab:green", "tab:purple")))
     markers = {1: "o", 4: "s", 8: "^"}
-    styles = {"split": "-", "fused": (0, (5, 1)), "before": (0, (1, 1)), "unsplit": ":",
+    styles = {"split": "-", "pdl": (0, (3, 1, 1, 1)), "fused": (0, (5, 1)),
+              "before": (0, (1, 1)), "unsplit": ":",
               "pallas": "--", "xla": "-."}
     fig, axes = plt.subplots(1, len(hdims), figsize=(5 * len(hdims), 4.4), sharey=True,
                              squeeze=False)

@@ -16,6 +16,7 @@ from .kernels.backward_config import BackwardVariant
 from .kernels.config import ForwardVariant, cp_async_tile, sm90_forward_tile
 from .kernels.split import DESIGNS as SPLIT_DESIGNS
 from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
+from .kernels import split
 from .kernels.split import choose_num_splits, decode_variant, split_combine, split_variant
 
 _INT32_MAX = 2**31 - 1
@@ -61,12 +62,13 @@ class KernelPlan:
     # planned: the plan, not the lowering, owns it (a benchmark switching split plans
     # per call gets the combine it planned with).
     combine: str | None = None
+    split_pdl: bool = False  # the split kernel's launch (kernels/split.SplitVariant.pdl)
 
     @property
     def kernel_variant(self):
         """The compiled object this plan runs: `variant`, or its split-KV kernel."""
         return (self.variant if self.num_splits == 1
-                else split_variant(self.variant, self.combine))
+                else split_variant(self.variant, self.combine, self.split_pdl))
 
     def splits_for(self, batch: int, heads_k: int) -> int:
         """The split count for the shapes the call is lowered with: a heuristic count is
@@ -224,7 +226,8 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
         return plan
     v = decode_variant(v, page_size)
     return dataclasses.replace(plan, variant=v, num_splits=num_splits,
-                               split_key_blocks=key_blocks, combine=split_combine(v))
+                               split_key_blocks=key_blocks, combine=split_combine(v),
+                               split_pdl=split.PLAN.pdl)
 
 
 def _kernel_plan(c, window, *, cap: int, **layout) -> KernelPlan:

@@ -124,21 +124,23 @@ class SplitKVMixin:
     """Turns an FA4 SM90 forward kernel (FlashAttentionForwardSm90 or a subclass, e.g.
     a larger-head-dim one) into its split-KV form; see the module docstring.
 
-    The kernel is launched as a programmatic dependent (PDL) of whatever precedes it in
-    the stream: its launch and prologue (barrier setup, descriptor prefetch) overlap
-    that kernel's tail, and `load` and `mma` wait for that grid (griddepcontrol.wait)
-    before their first global access.  `_fa4_cls`: the FA4 class underneath (set by
-    split_kernel)."""
+    With `_pdl` (SplitVariant.pdl) the kernel is launched as a programmatic dependent
+    of whatever precedes it in the stream: its launch and prologue (barrier setup,
+    descriptor prefetch) overlap that kernel's tail, and `load` and `mma` wait for that
+    grid (griddepcontrol.wait) before their first global access.  `_fa4_cls`: the FA4
+    class underneath; both set by split_kernel."""
 
-    # False where the launcher guarantees the preceding grid is done before the kernel
-    # launches (kernels/forward_split_fused.py: its zeroing kernel is an ordinary launch)
+    # Whether `load`/`mma` wait for the preceding grid: with `_pdl`, except where the
+    # launcher guarantees that grid is done before the kernel launches
+    # (kernels/forward_split_fused.py: its zeroing kernel is an ordinary launch)
     _wait_for_prior_grid = True
 
     def kernel(self, *args, **kwargs):
         launcher = self._fa4_cls.kernel(self, *args, **kwargs)
-        launch = launcher.launch
-        launcher.launch = lambda *a, **kw: launch(
-            *a, use_pdl=True, preferred_smem_carveout=SMEM_CARVEOUT, **kw)
+        if self._pdl:
+            launch = launcher.launch
+            launcher.launch = lambda *a, **kw: launch(
+                *a, use_pdl=True, preferred_smem_carveout=SMEM_CARVEOUT, **kw)
         return launcher
 
     def _split_block_info(self, block_info):
@@ -150,7 +152,7 @@ class SplitKVMixin:
         args, kwargs = _rebind(_LOAD_SIG, (self,) + args, kwargs,
                                block_info=self._split_block_info(a["block_info"]),
                                SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
-        if self._wait_for_prior_grid:  # nothing global is read before this
+        if self._pdl and self._wait_for_prior_grid:  # nothing global is read before this
             cute.arch.griddepcontrol_wait()
         return super().load(*args[1:], **kwargs)
 
@@ -160,7 +162,7 @@ class SplitKVMixin:
         self._split_bi = self._split_block_info(a["block_info"])
         args, kwargs = _rebind(_MMA_SIG, (self,) + args, kwargs, block_info=self._split_bi,
                                SeqlenInfoCls=_split_seqlen_cls(a["SeqlenInfoCls"]))
-        if self._wait_for_prior_grid:  # nor written (its epilogue runs inside mma)
+        if self._pdl and self._wait_for_prior_grid:  # nor written (the epilogue is in mma)
             cute.arch.griddepcontrol_wait()
         return super().mma(*args[1:], **kwargs)
 
@@ -209,12 +211,12 @@ class SplitKVMixin:
                     mLSE_cur[row0 + r] = lse[m] if has_work else -Float32.inf
 
 
-def split_kernel(fa):
+def split_kernel(fa, pdl: bool = False):
     """`fa` (an FA4 SM90 forward kernel object) with the split-KV overrides: its class
-    becomes a subclass of SplitKVMixin and the original class."""
+    becomes a subclass of SplitKVMixin and the original class (pdl: SplitVariant.pdl)."""
     cls = type(fa)
     fa.__class__ = type(cls.__name__ + "Split", (SplitKVMixin, cls), {})
-    fa._fa4_cls = cls
+    fa._fa4_cls, fa._pdl = cls, pdl
     return fa
 
 
@@ -226,11 +228,14 @@ class _CombineAfterSplit(FlashAttentionForwardCombine):
     visible, so the second launch overlaps the split kernel's tail (measured on H100:
     ~0.5 us of a ~30 us decode call at batch 1)."""
 
+    # With SplitVariant.pdl, the split kernel's shared-memory carveout (SMEM_CARVEOUT)
+    carveout = None
+
     def kernel(self, *args, **kwargs):
         launcher = FlashAttentionForwardCombine.kernel(self, *args, **kwargs)
         launch = launcher.launch
         launcher.launch = lambda *a, **kw: launch(
-            *a, use_pdl=True, preferred_smem_carveout=SMEM_CARVEOUT, **kw)
+            *a, use_pdl=True, preferred_smem_carveout=self.carveout, **kw)
         return launcher
 
 
@@ -238,10 +243,13 @@ def _combine_kernel(sv: SplitVariant) -> FlashAttentionForwardCombine:
     """FA4's combine with the variant's block shape (kernels/split.combine_config)."""
     hv = sv.base.head_dim_v
     c = combine_config(sv.combine, hv)
-    return _CombineAfterSplit(
+    combine = _CombineAfterSplit(
         _DTYPES[sv.base.dtype], Float32, hv, num_head=1,  # num_head: varlen scheduler only
         tile_m=c.tile_m, k_block_size=c.k_block, num_threads=c.threads,
         log_max_splits=COMBINE_LOG_MAX_SPLITS, stages=c.stages)
+    if sv.pdl:
+        combine.carveout = SMEM_CARVEOUT
+    return combine
 
 
 def _i64(x):
@@ -264,7 +272,7 @@ def _combine(combine, w_ptr, out_ptr, lse_ptr, b, tq, n, hv, splits, stream):
 
 def _make_launcher(sv: SplitVariant):
     v = sv.base
-    fa = split_kernel(_fa4_kernel(v))
+    fa = split_kernel(_fa4_kernel(v), sv.pdl)
     fa.out_head_dim_v = v.head_dim_v
     local = v.mask == "local"
     ops = operands(v)

@@ -163,7 +163,7 @@ def fused_split_kernel(fa):
     """`fa` (an FA4 SM90 forward kernel object) with the fused split-KV overrides."""
     cls = type(fa)
     fa.__class__ = type(cls.__name__ + "FusedSplit", (FusedSplitKVMixin, cls), {})
-    fa._fa4_cls = cls
+    fa._fa4_cls, fa._pdl = cls, True  # (a dependent of its zeroing kernel)
     return fa
 
 

@@ -54,13 +54,15 @@ DESIGNS = ("fa4", "split_k")
 
 @dataclasses.dataclass(frozen=True)
 class SplitPlan:
-    """How split calls are planned: the combine's block shape (combine_config), and the
-    head dims (K and V alike) and page sizes that take a decode tile (decode_tile; one
-    page per K/V tile, loaded by TMA)."""
+    """How split calls are planned: the combine (COMBINES), the head dims (K and V
+    alike) and page sizes that take a decode tile (decode_tile; one page per K/V tile,
+    loaded by TMA), and whether split kernels launch as programmatic dependents
+    (SplitVariant.pdl)."""
 
     combine: str
     decode_head_dims: tuple[int, ...]
     decode_page_sizes: tuple[int, ...]
+    pdl: bool = False
 
 
 SPLIT_PLANS = {
@@ -72,6 +74,10 @@ SPLIT_PLANS = {
     # issue18's tiles with the combine inside the split kernel (forward_split_fused.py):
     # the last split block of each (sequence, head, query tile) merges; one kernel.
     "issue18f": SplitPlan("fused", (64, 96, 128, 192, 256), (64, 128)),
+    # issue18 with the split kernel launched as a programmatic dependent of the kernel
+    # before it and both kernels at the maximum shared-memory carveout (the combine
+    # used a smaller one: SMs reconfigure between the kernels).
+    "issue18p": SplitPlan("wide", (64, 96, 128, 192, 256), (64, 128), pdl=True),
 }
 # The plan new calls get: the newest whose kernels passed the GPU suite.  "issue18"
 # did on 2026-12-07 (H100: every GPU case whose kernel differs from issue17's, 169 of
@@ -143,6 +149,10 @@ class SplitVariant(KernelVariant):
     # kernel, or "fused" (the merge inside the split kernel).  An unfused variant keeps
     # "fa4", so it names no second object for the same code.
     combine: str = "fa4"
+    # Launch the split kernel as a programmatic dependent of the kernel before it (its
+    # launch and prologue overlap that kernel's tail; it waits before touching global
+    # memory), and split and combine kernels with the maximum shared-memory carveout.
+    pdl: bool = False
 
     def __post_init__(self):
         if self.combine not in COMBINES:
@@ -220,12 +230,15 @@ def split_combine(v: ForwardVariant) -> str:
     return PLAN.combine
 
 
-def split_variant(v: ForwardVariant, combine: str | None = None) -> SplitVariant:
+def split_variant(v: ForwardVariant, combine: str | None = None,
+                  pdl: bool | None = None) -> SplitVariant:
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
-    dense k/v get an explicit seqused_k) with `combine` (default: split_combine(v))."""
+    dense k/v get an explicit seqused_k) with `combine` and `pdl` (defaults: PLAN's,
+    split_combine(v))."""
     return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
                         fused_combine=not v.has_sinks,
-                        combine=split_combine(v) if combine is None else combine)
+                        combine=split_combine(v) if combine is None else combine,
+                        pdl=PLAN.pdl if pdl is None else pdl)
 
 
 def lse_region(batch: int, heads: int, seq_q: int, splits: int) -> int:
