@@ -425,3 +425,16 @@ def test_fused_combine_plan_compiles_and_lowers(q_heads, monkeypatch):
         assert re.search(rf"->\s*\(tensor<{b}x1x{q_heads}x{hd}xbf16>, tensor<{ws}xf32>\)", line)
         if return_lse:  # (unread, the slice is dead code XLA's DCE removes)
             assert re.search(rf"stablehlo.slice .*tensor<{ws}xf32>", text)
+
+
+def test_the_plan_owns_the_split_kernel(monkeypatch):
+    """The split plan is read when a call is planned: a call planned under issue18f
+    keeps its in-kernel merge (and one planned under issue18p its PDL launch) even when
+    the process's plan differs by the time the call is lowered (bench_decode switches
+    plans per call)."""
+    for name, field, value in [("issue18f", "combine", "fused"), ("issue18p", "pdl", True)]:
+        monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS[name])
+        plan = _paged_plan(128, 64, num_splits=8)
+        monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS["issue17"])
+        assert getattr(plan.kernel_variant, field) == value
+        assert getattr(_paged_plan(128, 64, num_splits=8).kernel_variant, field) != value
