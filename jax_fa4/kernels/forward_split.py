@@ -32,7 +32,7 @@ import inspect
 # forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
 from .forward import _DTYPES, _PTR_ALIGN, _fa4_kernel, _row_major, cuda, cute, cutlass
 from .forward_abi import operands, size_dims
-from .split import COMBINE_LOG_MAX_SPLITS, SplitVariant, combine_config
+from .split import COMBINE_LOG_MAX_SPLITS, SplitVariant, combine_config, pad16
 
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.runtime import make_ptr
@@ -113,6 +113,16 @@ def _scale(stride, k):
     return tuple(_scale(s, k) for s in stride) if isinstance(stride, tuple) else stride * k
 
 
+def partial_o(mLSE, hv):
+    """The o_partial region of the workspace as a tensor ((rows), hv, heads, S*B), given
+    the LSE partials as the kernel sees them (mLSE: ((G, Tq), KV heads, S*B) with
+    pack_gqa, else (Tq, N, S*B)): it follows them padded to 16 bytes (split.pad16),
+    with their layout times hv plus a hv mode."""
+    return cute.make_tensor(mLSE.iterator + pad16(cute.size(mLSE.shape)), cute.make_layout(
+        (mLSE.shape[0], hv, mLSE.shape[1], mLSE.shape[2]),
+        stride=(_scale(mLSE.stride[0], hv), 1, mLSE.stride[1] * hv, mLSE.stride[2] * hv)))
+
+
 # Shared-memory carveout (percent of the unified L1/shared array) for every kernel of
 # a split call: an SM switches carveout only when idle, so a combine kernel with the
 # driver's default carveout for its 20 KB, between split kernels that need ~150 KB,
@@ -180,14 +190,7 @@ class SplitKVMixin:
             # The head-dim-512 split-K kernel: this thread's acc_O holds its warpgroup's
             # half of the O columns; place it with the two-warpgroup PV MMA.
             tiled_mma, tidx, tile_hdimv = self.whole_o_epilogue_mma()
-        # mLSE: ((G, Tq), KV heads, S*B) with pack_gqa, else (Tq, N, S*B); O's region
-        # follows the LSE region padded to 16 bytes (split.lse_region), with the same
-        # layout times hv plus a hv mode.
-        o_ptr = mLSE.iterator + (cute.size(mLSE.shape) + 3) // 4 * 4
-        mOp = cute.make_tensor(o_ptr, cute.make_layout(
-            (mLSE.shape[0], hv, mLSE.shape[1], mLSE.shape[2]),
-            stride=(_scale(mLSE.stride[0], hv), 1, mLSE.stride[1] * hv, mLSE.stride[2] * hv)))
-        mO_cur = mOp[None, None, head_idx, batch_idx]
+        mO_cur = partial_o(mLSE, hv)[None, None, head_idx, batch_idx]
         mLSE_cur = mLSE[None, head_idx, batch_idx]
         group = self.qhead_per_kvhead if cutlass.const_expr(self.pack_gqa) else 1
         rows_left = seqlen.seqlen_q * group - m_block * self.tile_m
@@ -263,19 +266,59 @@ def _combine(combine, w_ptr, out_ptr, lse_ptr, b, tq, n, hv, splits, stream):
     S, B, N, T, H = (_i64(x) for x in (splits, b, n, tq, hv))
     lse_part = cute.make_tensor(w_ptr, cute.make_layout(
         (splits, b, tq, n), stride=(B * N * T, N * T, 1, T)))
-    o_part = cute.make_tensor(w_ptr + (S * B * N * T + 3) // 4 * 4, cute.make_layout(
+    o_part = cute.make_tensor(w_ptr + pad16(S * B * N * T), cute.make_layout(
         (splits, b, tq, n, hv), stride=(B * N * T * H, N * T * H, H, T * H, 1)))
     out = _row_major(out_ptr, [b, tq, n, hv], aligned=True)
     lse = cute.make_tensor(lse_ptr, cute.make_layout((b, tq, n), stride=(N * T, 1, T)))
     combine(o_part, lse_part, out, lse, None, None, None, None, None, stream=stream)
 
 
+def run_split(fa, v, ptrs, sizes, splits, w_ptr, wl, wr, scale, stream, out_ptr=None):
+    """Plain Python inside a launcher (the argument convention of _make_launcher): runs
+    `fa`, FA4's kernel with the split overrides, over the S*B virtual sequences (module
+    docstring) with the LSE partials at w_ptr.  out_ptr: the O tensor FA4 is given
+    (default q's pointer: the split epilogue writes the workspace, never O).  Returns
+    q's (batch, seq_q, heads)."""
+    t, at = {}, 0
+    for i, (name, rank) in enumerate(operands(v)):
+        dims = list(sizes[at : at + rank])
+        at += rank
+        if name in ("q", "k", "v"):
+            dims[-1] = v.head_dim_v if name == "v" else v.head_dim
+        t[name] = (dims, ptrs[i])
+    (b, tq, n, _), q_ptr = t["q"]
+    vb = b * splits
+    q = _row_major(q_ptr, [vb, tq, n, v.head_dim], aligned=True)
+    o = _row_major(q_ptr if out_ptr is None else out_ptr, [vb, tq, n, v.head_dim_v],
+                   aligned=True)
+    k = _row_major(t["k"][1], t["k"][0], aligned=True)
+    vv = _row_major(t["v"][1], t["v"][0], aligned=True)
+    used = cute.make_tensor(t["seqused_k"][1], cute.make_layout(((b, splits),),
+                                                                stride=((1, 0),)))
+    table = None
+    if cutlass.const_expr(v.kv_layout == "paged"):
+        (tb, pages), pt_ptr = t["page_table"]
+        table = cute.make_tensor(pt_ptr, cute.make_layout(((tb, splits), pages),
+                                                          stride=((pages, 0), 1)))
+    lse = _row_major(w_ptr, [vb, n, tq], aligned=False)
+    fa._o_raw = o  # (read by kernels/forward_split_fused.py)
+    local = v.mask == "local"
+    fa(
+        q, k, vv, o, lse, scale,
+        None, None, None, used, table,
+        wl if cutlass.const_expr(local and v.window_left) else None,
+        wr if cutlass.const_expr(local and v.window_right) else None,
+        None,
+        stream=stream,
+    )
+    return b, tq, n
+
+
 def _make_launcher(sv: SplitVariant):
     v = sv.base
     fa = split_kernel(_fa4_kernel(v), sv.pdl)
     fa.out_head_dim_v = v.head_dim_v
-    local = v.mask == "local"
-    ops = operands(v)
+    n_ops = len(operands(v))
     combine = _combine_kernel(sv) if sv.fused_combine else None
     n_res = 3 if sv.fused_combine else 1  # (out, lse,) workspace
 
@@ -284,47 +327,19 @@ def _make_launcher(sv: SplitVariant):
         # args: operand pointers, [out, lse,] workspace, every operand dimension, wl, wr,
         # splits, scale.
         wl, wr, splits, scale = args[-4], args[-3], args[-2], args[-1]
-        ptrs, res, sizes = args[: len(ops)], args[len(ops): len(ops) + n_res], args[len(ops) + n_res: -4]
-        w_ptr = res[-1]
-        t, at = {}, 0
-        for i, (name, rank) in enumerate(ops):
-            dims = list(sizes[at : at + rank])
-            at += rank
-            if name in ("q", "k", "v"):
-                dims[-1] = v.head_dim_v if name == "v" else v.head_dim
-            t[name] = (dims, ptrs[i])
-        (b, tq, n, _), q_ptr = t["q"]
-        vb = b * splits
-        q = _row_major(q_ptr, [vb, tq, n, v.head_dim], aligned=True)
-        # FA4 needs an O tensor; the epilogue never writes it (it writes the workspace).
-        o = _row_major(q_ptr, [vb, tq, n, v.head_dim_v], aligned=True)
-        k = _row_major(t["k"][1], t["k"][0], aligned=True)
-        vv = _row_major(t["v"][1], t["v"][0], aligned=True)
-        used_ptr = t["seqused_k"][1]
-        used = cute.make_tensor(used_ptr, cute.make_layout(((b, splits),), stride=((1, 0),)))
-        table = None
-        if cutlass.const_expr(v.kv_layout == "paged"):
-            (tb, pages), pt_ptr = t["page_table"]
-            table = cute.make_tensor(pt_ptr, cute.make_layout(((tb, splits), pages),
-                                                              stride=((pages, 0), 1)))
-        lse = _row_major(w_ptr, [vb, n, tq], aligned=False)
-        fa(
-            q, k, vv, o, lse, scale,
-            None, None, None, used, table,
-            wl if cutlass.const_expr(local and v.window_left) else None,
-            wr if cutlass.const_expr(local and v.window_right) else None,
-            None,
-            stream=stream,
-        )
+        res = args[n_ops: n_ops + n_res]
+        b, tq, n = run_split(fa, v, args[:n_ops], args[n_ops + n_res: -4], splits, res[-1],
+                             wl, wr, scale, stream)
         if cutlass.const_expr(combine is not None):
-            _combine(combine, w_ptr, res[0], res[1], b, tq, n, v.head_dim_v, splits, stream)
+            _combine(combine, res[-1], res[0], res[1], b, tq, n, v.head_dim_v, splits, stream)
 
     return launch
 
 
-def compile_split(sv: SplitVariant) -> bytes:
-    """Compiles `sv` for sm_90a; the object holds launcher and cubin."""
-    launch = _make_launcher(sv)
+def compile_split_launcher(launch, sv: SplitVariant, results: list) -> bytes:
+    """Compiles a split launcher of `sv` taking _make_launcher's argument convention with
+    result pointers `results` (make_ptr values) for sm_90a; the object holds launcher
+    and cubins."""
     v = sv.base
     dt = _DTYPES[v.dtype]
     gmem = cute.AddressSpace.gmem
@@ -333,10 +348,18 @@ def compile_split(sv: SplitVariant) -> bytes:
         align = _PTR_ALIGN.get(name, 4)
         ptrs.append(make_ptr(dt if name in ("q", "k", "v") else Int32, align, gmem,
                              assumed_align=align))
-    if sv.fused_combine:  # out, lse
-        ptrs += [make_ptr(dt, 16, gmem, assumed_align=16), make_ptr(Float32, 4, gmem, assumed_align=4)]
-    ptrs.append(make_ptr(Float32, 16, gmem, assumed_align=16))  # workspace (XLA aligns buffers)
     sizes = [Int32(1) for _ in size_dims(v)]
-    compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
-                            Int32(1), Float32(1.0))
+    compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *results, *sizes, Int32(0),
+                            Int32(0), Int32(1), Float32(1.0))
     return compiled.dump_to_object(sv.symbol)
+
+
+def compile_split(sv: SplitVariant) -> bytes:
+    """Compiles `sv` for sm_90a; the object holds launcher and cubins."""
+    gmem = cute.AddressSpace.gmem
+    results = []
+    if sv.fused_combine:  # out, lse
+        results += [make_ptr(_DTYPES[sv.base.dtype], 16, gmem, assumed_align=16),
+                    make_ptr(Float32, 4, gmem, assumed_align=4)]
+    results.append(make_ptr(Float32, 16, gmem, assumed_align=16))  # workspace (XLA aligns)
+    return compile_split_launcher(_make_launcher(sv), sv, results)

@@ -25,10 +25,11 @@ when nothing reads the LSE.
 from __future__ import annotations
 
 # forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
-from .forward import _DTYPES, _PTR_ALIGN, _fa4_kernel, _row_major, cuda, cute, cutlass
-from .forward_abi import operands, size_dims
-from .forward_split import SMEM_CARVEOUT, SplitKVMixin
-from .split import SplitVariant
+from .forward import _DTYPES, _fa4_kernel, cuda, cute, cutlass
+from .forward_abi import operands
+from .forward_split import (SMEM_CARVEOUT, SplitKVMixin, compile_split_launcher, partial_o,
+                            run_split)
+from .split import SplitVariant, fused_regions
 
 from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm
@@ -70,12 +71,7 @@ class FusedSplitKVMixin(SplitKVMixin):
         if cutlass.const_expr(self.pack_gqa):
             mO = pack_gqa_layout(mO, self.qhead_per_kvhead,
                                  self._o_raw.shape[2] // self.qhead_per_kvhead, head_idx=2)
-        args = args[:3] + (mO,) + args[4:]
-        launcher = self._fa4_cls.kernel(self, *args, **kwargs)
-        launch = launcher.launch
-        launcher.launch = lambda *a, **kw: launch(
-            *a, use_pdl=True, preferred_smem_carveout=SMEM_CARVEOUT, **kw)
-        return launcher
+        return SplitKVMixin.kernel(self, *args[:3], mO, *args[4:], **kwargs)
 
     @cute.jit
     def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
@@ -87,21 +83,16 @@ class FusedSplitKVMixin(SplitKVMixin):
         b = seqlen.batch
         hv = self.out_head_dim_v
         # mLSE: ((G, Tq), KV heads, S*B) with pack_gqa, else (Tq, N, S*B); the regions
-        # after it as in forward_split (o_partial) and kernels/split.fused_regions.
+        # after it: kernels/split.fused_regions (only N * Tq = rows * heads matters).
         rows = cute.size(mLSE.shape[0])
         heads = cute.size(mLSE.shape[1])
-        n_lse = cute.size(mLSE.shape)
-        n_final = n_lse // S  # B*N*Tq
         batches = cute.size(mLSE.shape[2]) // S
-        o_ptr = mLSE.iterator + (n_lse + 3) // 4 * 4
-        mOp = cute.make_tensor(o_ptr, cute.make_layout(
-            (mLSE.shape[0], hv, mLSE.shape[1], mLSE.shape[2]),
-            stride=(_scale(mLSE.stride[0], hv), 1, mLSE.stride[1] * hv, mLSE.stride[2] * hv)))
-        fl_ptr = o_ptr + n_lse * hv
+        mOp = partial_o(mLSE, hv)
+        lse_at, cnt_at = fused_regions(batches, rows * heads, 1, hv, S)
         # the final LSE (B, N, Tq) has the LSE partials' layout for virtual batch < B
-        mFL = cute.make_tensor(fl_ptr, mLSE.layout)
-        cnt = cute.make_tensor(cute.recast_ptr(fl_ptr + (n_final + 3) // 4 * 4, dtype=Int32),
-                               cute.make_layout(n_final))
+        mFL = cute.make_tensor(mLSE.iterator + lse_at, mLSE.layout)
+        cnt = cute.make_tensor(cute.recast_ptr(mLSE.iterator + cnt_at, dtype=Int32),
+                               cute.make_layout(batches * rows * heads))
         m_blocks = (rows + self.tile_m - 1) // self.tile_m
         slot = (b * heads + head_idx) * m_blocks + m_block
 
@@ -155,10 +146,6 @@ class FusedSplitKVMixin(SplitKVMixin):
                     mFL[row, head_idx, b] = lse_out
 
 
-def _scale(stride, k):
-    return tuple(_scale(s, k) for s in stride) if isinstance(stride, tuple) else stride * k
-
-
 def fused_split_kernel(fa):
     """`fa` (an FA4 SM90 forward kernel object) with the fused split-KV overrides."""
     cls = type(fa)
@@ -191,8 +178,7 @@ def _make_launcher(sv: SplitVariant):
     v = sv.base
     fa = fused_split_kernel(_fa4_kernel(v))
     fa.out_head_dim_v = v.head_dim_v
-    local = v.mask == "local"
-    ops = operands(v)
+    n_ops = len(operands(v))
     zero = _ZeroCounters()
 
     @cute.jit
@@ -200,61 +186,21 @@ def _make_launcher(sv: SplitVariant):
         # args: operand pointers, out, workspace, every operand dimension, wl, wr,
         # splits, scale (forward_split's convention with results (out, workspace)).
         wl, wr, splits, scale = args[-4], args[-3], args[-2], args[-1]
-        ptrs, (out_ptr, w_ptr), sizes = args[:len(ops)], args[len(ops):len(ops) + 2], args[len(ops) + 2:-4]
-        t, at = {}, 0
-        for i, (name, rank) in enumerate(ops):
-            dims = list(sizes[at:at + rank])
-            at += rank
-            if name in ("q", "k", "v"):
-                dims[-1] = v.head_dim_v if name == "v" else v.head_dim
-            t[name] = (dims, ptrs[i])
-        (b, tq, n, _), q_ptr = t["q"]
-        vb = b * splits
-        q = _row_major(q_ptr, [vb, tq, n, v.head_dim], aligned=True)
-        # The real output, declared with S*B sequences; only sequence b < B is written.
-        o = _row_major(out_ptr, [vb, tq, n, v.head_dim_v], aligned=True)
-        k = _row_major(t["k"][1], t["k"][0], aligned=True)
-        vv = _row_major(t["v"][1], t["v"][0], aligned=True)
-        used = cute.make_tensor(t["seqused_k"][1],
-                                cute.make_layout(((b, splits),), stride=((1, 0),)))
-        table = None
-        if cutlass.const_expr(v.kv_layout == "paged"):
-            (tb, pages), pt_ptr = t["page_table"]
-            table = cute.make_tensor(pt_ptr, cute.make_layout(((tb, splits), pages),
-                                                              stride=((pages, 0), 1)))
-        lse = _row_major(w_ptr, [vb, n, tq], aligned=False)
-        fa._o_raw = o  # see FusedSplitKVMixin.kernel
-        n_lse = vb * n * tq
-        n_final = b * n * tq
-        cnt_ptr = w_ptr + (n_lse + 3) // 4 * 4 + n_lse * v.head_dim_v + (n_final + 3) // 4 * 4
-        zero(cute.make_tensor(cute.recast_ptr(cnt_ptr, dtype=Int32), cute.make_layout(n_final)),
-             stream)
-        fa(
-            q, k, vv, o, lse, scale,
-            None, None, None, used, table,
-            wl if cutlass.const_expr(local and v.window_left) else None,
-            wr if cutlass.const_expr(local and v.window_right) else None,
-            None,
-            stream=stream,
-        )
+        out_ptr, w_ptr = args[n_ops], args[n_ops + 1]
+        # q's (batch, seq_q, heads): the first sizes (q is the first operand)
+        b, tq, n = args[n_ops + 2], args[n_ops + 3], args[n_ops + 4]
+        cnt_at = fused_regions(b, n, tq, v.head_dim_v, splits)[1]
+        zero(cute.make_tensor(cute.recast_ptr(w_ptr + cnt_at, dtype=Int32),
+                              cute.make_layout(b * n * tq)), stream)
+        run_split(fa, v, args[:n_ops], args[n_ops + 2: -4], splits, w_ptr, wl, wr, scale,
+                  stream, out_ptr=out_ptr)
 
     return launch
 
 
 def compile_split_fused(sv: SplitVariant) -> bytes:
     """Compiles `sv` (combine "fused") for sm_90a; the object holds launcher and cubins."""
-    launch = _make_launcher(sv)
-    v = sv.base
-    dt = _DTYPES[v.dtype]
     gmem = cute.AddressSpace.gmem
-    ptrs = []
-    for name, _ in operands(v):
-        align = _PTR_ALIGN.get(name, 4)
-        ptrs.append(make_ptr(dt if name in ("q", "k", "v") else Int32, align, gmem,
-                             assumed_align=align))
-    ptrs += [make_ptr(dt, 16, gmem, assumed_align=16),  # out
-             make_ptr(Float32, 16, gmem, assumed_align=16)]  # workspace
-    sizes = [Int32(1) for _ in size_dims(v)]
-    compiled = cute.compile(launch, cuda.CUstream(0), *ptrs, *sizes, Int32(0), Int32(0),
-                            Int32(1), Float32(1.0))
-    return compiled.dump_to_object(sv.symbol)
+    return compile_split_launcher(_make_launcher(sv), sv, [
+        make_ptr(_DTYPES[sv.base.dtype], 16, gmem, assumed_align=16),  # out
+        make_ptr(Float32, 16, gmem, assumed_align=16)])  # workspace

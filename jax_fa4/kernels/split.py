@@ -241,20 +241,24 @@ def split_variant(v: ForwardVariant, combine: str | None = None,
                         pdl=PLAN.pdl if pdl is None else pdl)
 
 
+def pad16(n):
+    """`n` float32 (or int32) elements rounded up to 16 bytes; plain arithmetic, so the
+    kernels' launchers and epilogues use it on the DSL's integers as well."""
+    return (n + 3) // 4 * 4
+
+
 def lse_region(batch: int, heads: int, seq_q: int, splits: int) -> int:
     """float32 elements before o_partial: the LSE partials, padded to 16 bytes."""
-    n = splits * batch * heads * seq_q
-    return -(-n // 4) * 4
+    return pad16(splits * batch * heads * seq_q)
 
 
 def workspace_size(batch: int, heads: int, seq_q: int, head_dim_v: int, splits: int,
                    fused: bool = False) -> int:
     """float32 elements of the workspace (see the module docstring; `fused`: with the
     final LSE and the arrival counters after it, see fused_regions)."""
-    n = lse_region(batch, heads, seq_q, splits) + splits * batch * heads * seq_q * head_dim_v
     if fused:
-        n = fused_regions(batch, heads, seq_q, head_dim_v, splits)[1] + batch * heads * seq_q
-    return n
+        return fused_regions(batch, heads, seq_q, head_dim_v, splits)[1] + batch * heads * seq_q
+    return lse_region(batch, heads, seq_q, splits) + splits * batch * heads * seq_q * head_dim_v
 
 
 def fused_regions(batch: int, heads: int, seq_q: int, head_dim_v: int,
@@ -264,8 +268,7 @@ def fused_regions(batch: int, heads: int, seq_q: int, head_dim_v: int,
     head, query tile)) in a fused-combine workspace, after o_partial; both padded to
     16 bytes like the LSE partials."""
     lse_at = lse_region(batch, heads, seq_q, splits) + splits * batch * heads * seq_q * head_dim_v
-    n = batch * heads * seq_q
-    return lse_at, lse_at + -(-n // 4) * 4
+    return lse_at, lse_at + pad16(batch * heads * seq_q)
 
 
 def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
