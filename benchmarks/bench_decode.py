@@ -132,11 +132,8 @@ def _planned(name, fn):
     """fn, with split calls planned by kernels/split.SPLIT_PLANS[name] (read when the
     call is traced)."""
     def f(*a):
-        saved, split.PLAN = split.PLAN, split.SPLIT_PLANS[name]
-        try:
+        with split.use_plan(name):
             return fn(*a)
-        finally:
-            split.PLAN = saved
     return f
 
 

@@ -16,8 +16,7 @@ from .kernels.backward_config import BackwardVariant
 from .kernels.config import ForwardVariant, cp_async_tile, sm90_forward_tile
 from .kernels.split import DESIGNS as SPLIT_DESIGNS
 from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
-from .kernels import split
-from .kernels.split import choose_num_splits, decode_variant, split_combine, split_variant
+from .kernels.split import choose_num_splits, decode_variant, split_options, split_variant
 
 _INT32_MAX = 2**31 - 1
 
@@ -58,11 +57,11 @@ class KernelPlan:
     # (causal): the plain kernel is exact when no query row's window reaches a padded
     # key, a device-side fact (execute.py checks it, else runs the pure-JAX path).
     lengths_check: bool = False
-    # The split kernel's combine (kernels/split.split_combine), fixed when the call is
-    # planned: the plan, not the lowering, owns it (a benchmark switching split plans
-    # per call gets the combine it planned with).
-    combine: str | None = None
-    split_pdl: bool = False  # the split kernel's launch (kernels/split.SplitVariant.pdl)
+    # The split kernel's combine and launch (kernels/split.split_options), fixed when
+    # the call is planned: the plan, not the lowering, owns them (a benchmark switching
+    # split plans per call gets the kernel it planned with).
+    combine: str = "fa4"
+    split_pdl: bool = False
 
     @property
     def kernel_variant(self):
@@ -225,9 +224,10 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
     if num_splits == 1:
         return plan
     v = decode_variant(v, page_size)
+    opts = split_options(v)
     return dataclasses.replace(plan, variant=v, num_splits=num_splits,
-                               split_key_blocks=key_blocks, combine=split_combine(v),
-                               split_pdl=split.PLAN.pdl)
+                               split_key_blocks=key_blocks, combine=opts["combine"],
+                               split_pdl=opts["pdl"])
 
 
 def _kernel_plan(c, window, *, cap: int, **layout) -> KernelPlan:

@@ -98,13 +98,11 @@ def _plan_key(case: dict, plan_name: str):
     from jax_fa4.kernels import split
     from jax_fa4.precompile import plan_call
 
-    saved, split.PLAN = split.PLAN, split.SPLIT_PLANS[plan_name]
-    try:
-        return plan_call(case).kernel_variant.key()
-    except Unsupported:
-        return "fallback"
-    finally:
-        split.PLAN = saved
+    with split.use_plan(plan_name):
+        try:
+            return plan_call(case).kernel_variant.key()
+        except Unsupported:
+            return "fallback"
 
 
 def pytest_collection_modifyitems(config, items):

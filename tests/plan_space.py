@@ -5,7 +5,8 @@ A *class* is a projection of a plan onto the axes that change the kernel code a 
 runs.  One product of every axis would be thousands of kernels, so the classes are:
 
 * ``structure``: KV path (dense, packed, paged TMA, paged cp.async), q layout, split
-  (none, fused combine, JAX merge for sinks), the tile (tile_m x tile_n, RS, stages,
+  (none, the combine -- a kernel's block shape or the in-kernel merge -- and the
+  launch, or the JAX merge for sinks), the tile (tile_m x tile_n, RS, stages,
   design), the cp.async loader's rows per pass and whether a head dim is padded to 16.
   This is where the head-dim-96/160/224 paged bugs lived (docs/DESIGN.md).
 * ``mask``: path, q layout, split x mask kind (none, causal, local left/right/both).
@@ -53,9 +54,14 @@ def _path(v) -> str:
 
 
 def _split(plan) -> str:
+    """unsplit; split_<combine>[_pdl] (the combine kernel's block shape, or the merge
+    inside the split kernel: kernels/split.COMBINES) or split_jax_merge (sinks)."""
     if plan.num_splits == 1:
         return "unsplit"
-    return "split_fused" if plan.kernel_variant.fused_combine else "split_jax_merge"
+    sv = plan.kernel_variant
+    if not sv.fused_combine:
+        return "split_jax_merge"
+    return f"split_{sv.combine}" + ("_pdl" if sv.pdl else "")
 
 
 def _mask(v) -> str:
@@ -145,14 +151,26 @@ def _varlen_calls():
                                      max_pages=20000 // ps + 1, **common)
 
 
-def reachable() -> dict[tuple, object]:
-    """Every reachable class -> one call (DenseCall / VarlenCall) that reaches it."""
+def reachable(differing_from: str | None = None) -> dict[tuple, object]:
+    """Every reachable class -> one call (DenseCall / VarlenCall) that reaches it.
+    differing_from: a split plan's name (kernels/split.SPLIT_PLANS): only the calls
+    whose kernel under the current plan differs from theirs under that one (what a
+    new plan's GPU run must cover beyond the other plan's)."""
+    from jax_fa4.kernels import split
+
+    def kernel_under(name, planner, c):
+        with split.use_plan(name):
+            return planner(c).kernel_variant
+
     out: dict[tuple, object] = {}
     for planner, calls in ((plan_dense, _dense_calls()), (plan_varlen, _varlen_calls())):
         for c in calls:
             try:
                 plan = planner(c)
             except Unsupported:
+                continue
+            if (differing_from is not None
+                    and plan.kernel_variant == kernel_under(differing_from, planner, c)):
                 continue
             for cls in forward_classes(plan) | backward_classes(plan):
                 out.setdefault(cls, c)

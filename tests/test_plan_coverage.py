@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import plan_space  # noqa: E402
 from jax_fa4.dispatch import VarlenCall, plan_varlen  # noqa: E402
+from jax_fa4.kernels import split  # noqa: E402
 from jax_fa4.kernels.config import (ForwardVariant, TileConfig, cp_async_rows_per_pass,  # noqa: E402
                                     cp_async_tile)
 
@@ -28,15 +29,18 @@ def test_every_reachable_class_has_a_gpu_case(reach):
         + "\n".join(f"  {c}  e.g. {reach[c]}" for c in missing[:20]))
 
 
-def test_issue18_split_plan_is_covered_too(monkeypatch):
-    """kernels/split.py's "issue18" plan (other decode tiles, the wide combine) reaches
-    classes the default plan does not: each has a GPU case as well, so the GPU suite
-    run with JAX_FA4_SPLIT_PLAN=issue18 covers them."""
-    from jax_fa4.kernels import split
-    monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS["issue18"])
-    reach18 = plan_space.reachable()
-    missing = sorted(set(reach18) - set(plan_space.matrix_classes()))
-    assert not missing, "\n".join(f"  {c}  e.g. {reach18[c]}" for c in missing[:20])
+@pytest.mark.parametrize("name", [n for n in split.SPLIT_PLANS if n != split.DEFAULT_PLAN])
+def test_every_split_plan_is_covered_too(name, monkeypatch):
+    """Each other split plan (kernels/split.SPLIT_PLANS: other decode tiles, combines
+    and launches) runs other kernels than the default for some calls: every class of
+    those calls has a GPU case under that plan, so the GPU run that validates it
+    (JAX_FA4_PLAN_DIFF=<default>,<name> JAX_FA4_SPLIT_PLAN=<name>) covers them."""
+    monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS[name])
+    reach = plan_space.reachable(differing_from=split.DEFAULT_PLAN)
+    missing = sorted(set(reach) - set(plan_space.matrix_classes()))
+    assert not missing, "\n".join(f"  {c}  e.g. {reach[c]}" for c in missing[:20])
+    splits = {c[3] for c in reach if c[0] == "structure"}
+    assert f"split_{split.SPLIT_PLANS[name].combine}" in {k.removesuffix("_pdl") for k in splits}
 
 
 def test_space_is_walked(reach):
@@ -44,7 +48,8 @@ def test_space_is_walked(reach):
     kinds = {c[1:4] for c in reach if c[0] == "structure"}
     paths = {k[0] for k in kinds}
     assert paths == {"dense", "packed", "paged_tma", "paged_cpasync"}
-    assert {k[2] for k in kinds} == {"unsplit", "split_fused", "split_jax_merge"}
+    assert {k[2] for k in kinds} == {"unsplit", f"split_{split.PLAN.combine}",
+                                     "split_jax_merge"}
     assert any("split_k" in c[4] for c in reach if c[0] == "structure")
     assert any(c[0] == "bwd_tile" for c in reach)
 

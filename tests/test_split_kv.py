@@ -363,7 +363,8 @@ def test_split_variant_key_differs_from_base():
                               page_table=SDS((1, 9), jnp.int32), seqused_k=SDS((1,), jnp.int32),
                               sinks=SDS((8,), jnp.float32), num_splits=3)
     sv = plan.kernel_variant
-    assert sv == split_variant(plan.variant) and not sv.base.has_sinks
+    assert sv == split_variant(plan.variant, plan.combine, plan.split_pdl)
+    assert not sv.base.has_sinks
     assert sv.symbol != plan.variant.symbol and "split-KV" in sv.describe()
     assert type(sv).from_dict(sv.as_dict()) == sv
 

@@ -16,6 +16,7 @@ The kernel sees S*B "virtual" sequences, virtual batch index s*B + b.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -89,6 +90,18 @@ _plan_name = os.environ.get("JAX_FA4_SPLIT_PLAN", DEFAULT_PLAN)
 if _plan_name not in SPLIT_PLANS:
     raise ValueError(f"JAX_FA4_SPLIT_PLAN={_plan_name!r}: expected one of {sorted(SPLIT_PLANS)}")
 PLAN = SPLIT_PLANS[_plan_name]
+
+
+@contextlib.contextmanager
+def use_plan(name: str):
+    """Plans split calls with SPLIT_PLANS[name] inside the block (benchmarks and tests
+    compare plans in one process; a plan keeps what it chose, see split_options)."""
+    global PLAN
+    saved, PLAN = PLAN, SPLIT_PLANS[name]
+    try:
+        yield
+    finally:
+        PLAN = saved
 
 
 # Shared memory a decode tile may fill with Q and its K/V stages: the H100's 227 KiB
@@ -217,28 +230,26 @@ def decode_variant(v: ForwardVariant, page_size: int | None) -> ForwardVariant:
     return v
 
 
-def split_combine(v: ForwardVariant) -> str:
-    """The combine split calls planned as `v` take under PLAN (decided when the call is
-    planned: dispatch records it in the plan).  Sinks merge in JAX, so their unfused
-    variant keeps "fa4"; the in-kernel merge ("fused") serves FA4's kernel design only
-    -- the head-dim-512 split-K epilogue places O over two warpgroups its own way, and
-    the merge failed there on the GPU (H100, 2026-12-07) -- so split-K takes "wide"."""
+def split_options(v: ForwardVariant) -> dict:
+    """What PLAN gives the split kernel of calls planned as `v`: its combine and whether
+    it launches as a programmatic dependent (SplitVariant's fields; read when the call
+    is planned, and the plan keeps them).  Sinks merge in JAX, so their unfused variant
+    keeps "fa4"; the in-kernel merge ("fused") serves FA4's kernel design only -- the
+    head-dim-512 split-K epilogue places O over two warpgroups its own way, and the
+    merge failed there on the GPU (H100, 2026-12-07) -- so split-K takes "wide"."""
+    combine = PLAN.combine
     if v.has_sinks:
-        return "fa4"
-    if PLAN.combine == "fused" and v.tile.design != "fa4":
-        return "wide"
-    return PLAN.combine
+        combine = "fa4"
+    elif combine == "fused" and v.tile.design != "fa4":
+        combine = "wide"
+    return {"combine": combine, "pdl": PLAN.pdl}
 
 
-def split_variant(v: ForwardVariant, combine: str | None = None,
-                  pdl: bool | None = None) -> SplitVariant:
+def split_variant(v: ForwardVariant, combine: str, pdl: bool) -> SplitVariant:
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
-    dense k/v get an explicit seqused_k) with `combine` and `pdl` (defaults: PLAN's,
-    split_combine(v))."""
+    dense k/v get an explicit seqused_k), with split_options' `combine` and `pdl`."""
     return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
-                        fused_combine=not v.has_sinks,
-                        combine=split_combine(v) if combine is None else combine,
-                        pdl=PLAN.pdl if pdl is None else pdl)
+                        fused_combine=not v.has_sinks, combine=combine, pdl=pdl)
 
 
 def pad16(n):
