@@ -48,10 +48,12 @@ HEADS, KV_HEADS, PAGE = 32, 4, 64
 BATCHES, LENGTHS = (1, 8, 32), (4096, 8192, 16384, 32768, 65536, 131072)
 HDIMS, TQS = (128, 256, 512), (1, 4, 8)
 # (hdim, batch, context, Tq) rows that also time forced split counts (--sweep): hdim
-# 128's batch-1 rows, and Tq 8 at 4k, where the float32 partials weigh against the cache
+# 128's batch-1 rows, head dims 256 and 512 at batch 1 and 16k/32k (the small-grid split
+# count per head dim), and Tq 8 at 4k, where the float32 partials weigh against the cache
 SWEEP = [(128, 1, 16384, 1), (128, 1, 32768, 1), (128, 1, 131072, 1), (128, 8, 32768, 1),
+         (256, 1, 16384, 1), (256, 1, 32768, 1), (512, 1, 16384, 1), (512, 1, 32768, 1),
          (128, 1, 4096, 8), (512, 1, 4096, 8), (512, 1, 4096, 1)]
-SWEEP_SPLITS = (4, 8, 12, 16, 20, 24, 28, 33, 40, 66, 128)
+SWEEP_SPLITS = (4, 8, 12, 16, 20, 24, 28, 32, 33, 40, 66, 128)
 XLA_MAX_TOKENS = 8 * 32768  # the pure-JAX path gathers every page: memory and time
 L2_FLUSH_BYTES = 160e6  # > the H100's 50 MB / H200's 60 MB L2, with margin
 IMPLS = ("split", "pdl", "fused", "before", "unsplit", "pallas", "xla")
