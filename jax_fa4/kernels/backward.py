@@ -1,17 +1,19 @@
 """CuTe DSL launcher for FA4's SM90 backward, and its compilation.
 
 One launcher runs, on XLA's stream, what FA4's `_flash_attn_bwd` runs for SM90:
-(GQA only) zero the float32 dK/dV accumulators; the preprocess (D = rowsum(dO*O) - dLSE,
-LSE in log2 units, dQ accumulator zeroed); the main kernel (dK, dV, and dQ added into
-its float32 accumulator); the postprocesses (dQ, and for GQA dK/dV, converted to the
-input dtype and scaled; with sinks, d_sinks).  Workspaces are XLA-allocated results
-of the custom call (backward_abi.py).  Imports cutlass: only compile.py imports it.
+(GQA only) zero the float32 dK/dV accumulators; (deterministic only) zero the int32
+semaphores that order the adds into dQ (and GQA's dK/dV); the preprocess
+(D = rowsum(dO*O) - dLSE, LSE in log2 units, dQ accumulator zeroed); the main kernel
+(dK, dV, and dQ added into its float32 accumulator); the postprocesses (dQ, and for
+GQA dK/dV, converted to the input dtype and scaled; with sinks, d_sinks).  Workspaces
+are XLA-allocated results of the custom call (backward_abi.py).  Imports cutlass: only
+compile.py imports it.
 """
 from __future__ import annotations
 
 import os
 
-from .backward_abi import operands, results, size_dims, workspace_names
+from .backward_abi import operands, results, size_dims, workspace_dtype, workspace_names
 from .backward_config import BackwardVariant
 
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
@@ -37,13 +39,13 @@ _ZERO_PER_THREAD = 4
 
 @cute.kernel
 def _zero_kernel(buf: cute.Tensor):
-    """buf (rows, heads, n) float32 := 0; grid (ceil(n / 1024), heads, rows)."""
+    """buf (rows, heads, n) := 0 (float32 or int32); grid (ceil(n / 1024), heads, rows)."""
     tidx, _, _ = cute.arch.thread_idx()
     bx, h, r = cute.arch.block_idx()
     for k in cutlass.range_constexpr(_ZERO_PER_THREAD):
         e = (bx * _ZERO_PER_THREAD + k) * _ZERO_THREADS + tidx
         if e < buf.shape[2]:
-            buf[r, h, e] = Float32(0.0)
+            buf[r, h, e] = buf.element_type(0)
 
 
 def _zero(buf: cute.Tensor, stream):
@@ -66,7 +68,7 @@ def _fa4_kernels(v: BackwardVariant):
                                            hdim_multiple_of=mult)
     main = FlashAttentionBackwardSm90(
         dt, v.head_dim, v.head_dim_v, v.qhead_per_kvhead, v.mask == "causal",
-        is_local=v.mask == "local", deterministic=False, tile_m=t.m_block_size,
+        is_local=v.mask == "local", deterministic=v.deterministic, tile_m=t.m_block_size,
         tile_n=t.n_block_size, Q_stage=t.num_stages_Q, dO_stage=t.num_stages_dO,
         PdS_stage=t.num_stages_PdS, SdP_swapAB=t.SdP_swapAB, dKV_swapAB=t.dKV_swapAB,
         dQ_swapAB=t.dQ_swapAB, AtomLayoutMSdP=t.AtomLayoutMSdP, AtomLayoutNdKV=t.AtomLayoutNdKV,
@@ -101,13 +103,24 @@ def _tensors(v: BackwardVariant, args):
         dims["dsinks"] = dims["sinks"]
     # q/k/v-like rows and the workspaces (padded to tiles) are 16-byte aligned.
     plain = ("lse", "dlse", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "sinks",
-             "dsinks")
+             "dsinks", "dq_semaphore", "dk_semaphore", "dv_semaphore")
     t = {n: _row_major(p, dims[n], aligned=n not in plain) for n, p in ptrs.items()}
     if v.gqa_accum:  # (rows, heads, n) views for the zero kernel; packed has one row
         for n in ("dk_accum", "dv_accum"):
             t[n + "_3d"] = (t[n] if v.layout == "dense"
                             else _row_major(ptrs[n], [1] + dims[n], aligned=True))
+    for n in v.semaphores:  # 4-D as FA4 indexes them; flat (1, 1, size) to zero them
+        b, h, blocks, c = dims[n]
+        t[n + "_3d"] = _row_major(ptrs[n], [1, 1, b * h * blocks * c], aligned=False)
     return t
+
+
+def _zero_workspaces(v: BackwardVariant, t: dict, stream) -> None:
+    """Plain Python (not staged): zeroes GQA's dK/dV accumulators (the main kernel adds
+    into them) and the deterministic schedule's semaphores (they count the adds done so
+    far, must start at 0 on every call, and XLA hands out reused memory)."""
+    for n in (["dk_accum", "dv_accum"] if v.gqa_accum else []) + list(v.semaphores):
+        _zero(t[n + "_3d"], stream)
 
 
 def _make_launcher(v: BackwardVariant):
@@ -120,9 +133,7 @@ def _make_launcher(v: BackwardVariant):
         wl, wr, scale = args[-3], args[-2], args[-1]
         t = _tensors(v, args[:-3])
         g = t.get
-        if cutlass.const_expr(v.gqa_accum):
-            _zero(t["dk_accum_3d"], stream)
-            _zero(t["dv_accum_3d"], stream)
+        _zero_workspaces(v, t, stream)
         pre(t["o"], t["do"], t["dpsum"], t["lse"], t["lse_log2"], t["dq_accum"],
             g("cu_seqlens_q"), g("seqused_q"), t["dlse"], None, None, scale, None, None,
             stream=stream)
@@ -132,7 +143,7 @@ def _make_launcher(v: BackwardVariant):
              scale, g("cu_seqlens_q"), g("cu_seqlens_k"), g("seqused_q"), g("seqused_k"),
              wl if cutlass.const_expr(local and v.window_left) else None,
              wr if cutlass.const_expr(local and v.window_right) else None,
-             stream=stream)
+             g("dq_semaphore"), g("dk_semaphore"), g("dv_semaphore"), stream=stream)
         sink = None
         if cutlass.const_expr(v.has_sinks):
             sink = LearnableSinkBwdTensors(t["dpsum"], t["lse"], t["sinks"], t["dsinks"])
@@ -156,7 +167,7 @@ def compile_backward(v: BackwardVariant) -> bytes:
     for name, _ in operands(v) + results(v):
         if name in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
             ptrs.append(make_ptr(dt, 16, gmem, assumed_align=16))
-        elif name.startswith(("cu_seqlens", "seqused")):
+        elif name.startswith(("cu_seqlens", "seqused")) or workspace_dtype(name) == "int32":
             ptrs.append(make_ptr(Int32, 4, gmem, assumed_align=4))
         else:  # float32 statistics, sinks and workspaces
             align = 16 if name in workspace_names(v) else 4

@@ -12,7 +12,8 @@ from .config import BACKWARD_SOURCES, ForwardVariant
 from .variant import AttentionVariant
 
 # Bump when the backward launcher's argument convention (backward_abi.py) changes.
-BACKWARD_ABI = 1
+# 2: workspaces may be int32 (the deterministic backward's semaphores).
+BACKWARD_ABI = 2
 # FA4's SM90 backward covers head dims up to 256 (its tile table stops there).
 MAX_HEAD_DIM = 256
 
@@ -73,6 +74,10 @@ class BackwardVariant(AttentionVariant):
     layout: 'dense' (b, s, h, d) q and k/v, or 'packed' (total, h, d) both, with
     cu_seqlens_q/k.  GQA (qhead_per_kvhead > 1) accumulates dK/dV in float32
     workspaces that a postprocess sums into dK/dV.
+    deterministic: FA4's deterministic schedule: the blocks that add into one dQ tile
+    (and, for GQA, the query heads that add into one dK/dV tile) take turns in a fixed
+    order behind int32 semaphores, so the float32 sums, and the gradients, are the
+    same bits on every run (slower: the adds serialize).
     """
 
     KIND = "sm90_backward"
@@ -85,6 +90,7 @@ class BackwardVariant(AttentionVariant):
     has_seqused_q: bool = False
     has_seqused_k: bool = False
     tile: BackwardTile | None = None
+    deterministic: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,23 +98,41 @@ class BackwardVariant(AttentionVariant):
             raise ValueError(f"layout must be 'dense' or 'packed', got {self.layout!r}")
         if self.layout == "dense" and (self.has_seqused_q or self.has_seqused_k):
             raise ValueError("seqused_q/k need layout='packed'")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be a bool, got {self.deterministic!r}")
         if self.tile is None:
             object.__setattr__(self, "tile", sm90_backward_tile(
                 self.head_dim, self.head_dim_v, self.mask == "causal", self.mask == "local"))
 
+    def as_dict(self) -> dict:
+        d = super().as_dict()
+        if not self.deterministic:  # the key (and spec) of variants that predate it
+            del d["deterministic"]
+        return d
+
     @classmethod
-    def for_forward(cls, fv: ForwardVariant) -> "BackwardVariant":
+    def for_forward(cls, fv: ForwardVariant, deterministic: bool = False) -> "BackwardVariant":
         """The backward of calls whose forward runs `fv`: the attention fields carry
         over, q's layout names both (the caller refuses q and k/v layouts that differ,
         and paged k/v), and the tile is the backward's own.  Built from the fields, not
         copied by hand, so a field added to AttentionVariant reaches the backward."""
         return cls(**fv.attention_fields(), layout=fv.q_layout,
-                   has_seqused_q=fv.has_seqused_q, has_seqused_k=fv.has_seqused_k)
+                   has_seqused_q=fv.has_seqused_q, has_seqused_k=fv.has_seqused_k,
+                   deterministic=deterministic)
 
     @property
     def gqa_accum(self) -> bool:
         """dK/dV go through float32 accumulators (several query heads add into them)."""
         return self.qhead_per_kvhead > 1
+
+    @property
+    def semaphores(self) -> tuple[str, ...]:
+        """The int32 semaphore workspaces FA4's deterministic schedule takes: one per
+        dQ tile; for GQA one per dK and per dV tile (the query heads of a KV head add
+        in turn)."""
+        if not self.deterministic:
+            return ()
+        return ("dq_semaphore",) + (("dk_semaphore", "dv_semaphore") if self.gqa_accum else ())
 
     def describe_parts(self) -> list[str]:
         parts = super().describe_parts()
@@ -117,4 +141,6 @@ class BackwardVariant(AttentionVariant):
                                         + "k" * self.has_seqused_k
                                         if self.has_seqused_q or self.has_seqused_k else ""))
         parts.append(self.tile.describe())
+        if self.deterministic:
+            parts.append("deterministic")
         return parts
