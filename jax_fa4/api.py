@@ -62,7 +62,7 @@ def _prepare(query, key, value, bias, mask, scale, is_causal, local_window_size,
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
               query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
               logits_soft_cap=None, sinks=None, implementation=None, return_residual=False,
-              return_lse=False):
+              return_lse=False, deterministic=False):
     """Scaled dot-product attention, FA4's SM90 kernel where it can run.
 
     `jax.nn.dot_product_attention`'s arguments, layout and results: query (B, T, N, H),
@@ -87,15 +87,22 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     return_residual: also return jax.nn's residual, the log-sum-exp of each softmax row
     (B, T, N) in the input dtype, without gradient.  return_lse: also return it in
     float32 and differentiable (natural log; both include the sink term).
+
+    deterministic: gradients with the same bits on every run.  FA4's backward then
+    adds into dQ (and, for GQA, dK/dV) in a fixed order behind semaphores (slower);
+    the pure-JAX and jax.nn XLA backwards are deterministic already.  The forward is
+    unchanged.  (implementation='cudnn': cuDNN's backward follows XLA's
+    --xla_gpu_exclude_nondeterministic_ops, not this flag.)
     """
     validate.residual_flags(return_residual, return_lse)
+    deterministic = validate.flag(deterministic, "deterministic")
     c = _prepare(query, key, value, bias, mask, scale, is_causal, local_window_size,
                  logits_soft_cap, sinks, implementation, query_seq_lengths,
                  key_value_seq_lengths)
     route = route_dense(c.static, implementation, wants_lse=return_lse)
     o, lse = execute.dense(route, c.q, c.k, c.v, c.bias, c.mask, c.sinks, c.q_len, c.kv_len,
                            scale=c.scale, window=c.window, softcap=c.softcap,
-                           forced=implementation == "fa4")
+                           forced=implementation == "fa4", deterministic=deterministic)
     if jnp.ndim(query) == 3:
         o, lse = o[0], lse[0]
     if return_residual:

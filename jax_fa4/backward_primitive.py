@@ -2,10 +2,11 @@
 
 Operands follow kernels/backward_abi.py (q, k, v, o, do, lse, dlse, then the int32
 metadata and sinks of the forward call); results are dq, dk, dv (and dsinks).  The
-CUDA lowering adds FA4's float32 workspaces as extra results of the custom call, so
-XLA allocates them (and may reuse their memory after the call); they never reach
-JAX.  Every other platform, and a CUDA device without the kernel, lowers the
-pure-JAX backward of fallback_backward.py.
+CUDA lowering adds FA4's workspaces (float32 sums; int32 semaphores for a
+deterministic backward) as extra results of the custom call, so XLA allocates them
+(and may reuse their memory after the call); they never reach JAX.  Every other
+platform, and a CUDA device without the kernel, lowers the pure-JAX backward of
+fallback_backward.py.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from . import fallback_backward, sharding
 from .layout import packed_rows
 from .dispatch import BackwardPlan, Unsupported, plan_backward
 from .ffi_target import TARGET, call_attributes, ensure_registered
-from .kernels.backward_abi import gradient_names, operands, size_dims, workspace_shapes
+from .kernels.backward_abi import (gradient_names, operands, size_dims, workspace_dtype,
+                                   workspace_shapes)
 from .forward_primitive import FwdParams, kernel_object, mapped_axis_first
 
 
@@ -40,9 +42,10 @@ _GRAD_OF = {"dq": "q", "dk": "k", "dv": "v", "dsinks": "sinks"}
 
 def gradients(args: dict, o, lse, do, dlse, fwd: FwdParams) -> dict:
     """Gradients of a forward call with operands `args` (forward_abi names): name ->
-    cotangent of each float operand.  FA4's backward where it runs, else pure JAX."""
+    cotangent of each float operand.  FA4's backward where it runs, else pure JAX
+    (which needs nothing for fwd.deterministic: it has no atomics, see _pure_jax)."""
     try:
-        plan = plan_backward(fwd.plan)
+        plan = plan_backward(fwd.plan, fwd.deterministic)
     except Unsupported:
         return _pure_jax(args, o, lse, do, dlse, fwd)
     params = BwdParams(fwd, plan)
@@ -66,6 +69,9 @@ def _zero_rows_outside_sequences(grads: dict, a: dict) -> None:
 
 
 def _pure_jax(args, o, lse, do, dlse, fwd: FwdParams) -> dict:
+    # Deterministic as it stands: XLA's GPU reductions and the scan's sums have a fixed
+    # order for a compiled program; the one scatter (packed rows back from padded
+    # blocks) adds exact zeros where rows repeat, so no order can change its bits.
     grads = fallback_backward.run(fwd.kind, args, o, lse, do, dlse, scale=fwd.scale,
                                   window=fwd.window, softcap=fwd.softcap,
                                   max_seqlen_q=fwd.max_seqlen_q, max_seqlen_k=fwd.max_seqlen_k)
@@ -108,7 +114,7 @@ def _lower_cuda(ctx, *args, params: BwdParams):
     a = dict(zip((n for n, _ in operands(v)), ctx.avals_in))
     batch = a["cu_seqlens_q"].shape[0] - 1 if v.layout == "packed" else a["q"].shape[0]
     ws = workspace_shapes(v, a["q"].shape, a["k"].shape, a["v"].shape, batch)
-    ws_avals = [jax.core.ShapedArray(shape, jnp.float32) for shape in ws.values()]
+    ws_avals = [jax.core.ShapedArray(shape, workspace_dtype(name)) for name, shape in ws.items()]
     n_out = len(ctx.avals_out)
     outs = jax.ffi.ffi_lowering(TARGET)(
         ctx.replace(avals_out=[*ctx.avals_out, *ws_avals]),

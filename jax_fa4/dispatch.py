@@ -397,9 +397,11 @@ class BackwardPlan:
     window_right: int
 
 
-def plan_backward(plan: KernelPlan) -> BackwardPlan:
+def plan_backward(plan: KernelPlan, deterministic: bool = False) -> BackwardPlan:
     """The backward kernel for a call whose forward runs `plan`, or raises Unsupported
-    with the reason (then the gradient is computed in pure JAX, see fallback_backward)."""
+    with the reason (then the gradient is computed in pure JAX, see fallback_backward).
+    deterministic: FA4's deterministic schedule (same gradient bits on every run); it
+    exists wherever the backward kernel does, so it never changes the answer's reason."""
     fv = plan.variant
     if fv.kv_layout == "paged":
         raise Unsupported("FA4 has no backward for a paged KV cache")
@@ -415,4 +417,5 @@ def plan_backward(plan: KernelPlan) -> BackwardPlan:
             f"{BWD_MAX_HEAD_DIM})")
     if fv.qhead_per_kvhead > 1 and fv.head_dim != fv.head_dim_v:
         raise Unsupported("FA4's GQA backward needs head_dim == value head_dim")
-    return BackwardPlan(BackwardVariant.for_forward(fv), plan.window_left, plan.window_right)
+    return BackwardPlan(BackwardVariant.for_forward(fv, deterministic), plan.window_left,
+                        plan.window_right)

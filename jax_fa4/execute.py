@@ -18,17 +18,19 @@ def _raise_if_error(route: Route) -> None:
 
 
 def dense(route: Route, q, k, v, bias, mask, sinks, q_len, kv_len, *, scale, window,
-          softcap, forced: bool):
+          softcap, forced: bool, deterministic: bool = False):
     """(out (B,T,N,Hv), lse (B,T,N) float32) of a 4-D `attention` call, under one rule
     on every path: a query row that sees no key (past query_seq_lengths, or every key
-    masked, padded or outside the window) gives zeros and lse -inf."""
+    masked, padded or outside the window) gives zeros and lse -inf.  deterministic
+    reaches the kernel's backward; the other paths' backwards are XLA's (no atomics)."""
     _raise_if_error(route)
     b, t, n, _ = q.shape
     s = k.shape[1]
     q_len, kv_len = guard.dense_lengths(q_len, kv_len, t, s)
     if route.path == "kernel":
         kernel = lambda: _kernel(route.plan, q, k, v, sinks, q_len, kv_len, scale=scale,  # noqa: E731
-                                 window=window, softcap=softcap, forced=forced)
+                                 window=window, softcap=softcap, forced=forced,
+                                 deterministic=deterministic)
         if route.plan.lengths_check:  # causal with key lengths: exact when this holds
             o, lse = jax.lax.cond(
                 lengths_fit(q_len, kv_len, window, t, s), kernel,
@@ -65,7 +67,8 @@ def _zero_padded_rows(o, lse, q_len):
     return _zero_rows(o, lse, jnp.broadcast_to(valid[:, :, None], (b, t, n)))
 
 
-def _kernel(plan, q, k, v, sinks, q_len, kv_len, *, scale, window, softcap, forced):
+def _kernel(plan, q, k, v, sinks, q_len, kv_len, *, scale, window, softcap, forced,
+            deterministic):
     """The primitive, lengths (clamped by guard.dense_lengths) as seqused operands."""
     args = dict(q=q, k=k, v=v)
     if plan.variant.has_seqused_q:
@@ -74,7 +77,8 @@ def _kernel(plan, q, k, v, sinks, q_len, kv_len, *, scale, window, softcap, forc
         args["seqused_k"] = kv_len
     if sinks is not None:
         args["sinks"] = sinks
-    o, lse = fa4_call(args, FwdParams("dense", plan, scale, window, softcap, forced=forced))
+    o, lse = fa4_call(args, FwdParams("dense", plan, scale, window, softcap, forced=forced,
+                                      deterministic=deterministic))
     return o, jnp.swapaxes(lse, 1, 2)
 
 
@@ -107,14 +111,15 @@ def _zero_rows(o, lse, rows):
 
 
 def varlen(route: Route, kind: str, args: dict, *, scale, window, softcap, max_seqlen_q,
-           max_seqlen_k, forced: bool):
+           max_seqlen_k, forced: bool, deterministic: bool = False):
     """(out, lse as the kernel lays it out) of a 'varlen' or 'paged' call, both paths
     from the same operands with their metadata clamped in bounds (guard.py)."""
     _raise_if_error(route)
     args = guard.clamped_operands(kind, args)
     if route.path == "kernel":
         params = FwdParams(kind, route.plan, scale, window, softcap, forced=forced,
-                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                           deterministic=deterministic)
         o, lse = fa4_call(args, params)
         if "cu_seqlens_q" in args:  # the kernel leaves rows outside every sequence unwritten
             cu_q = args["cu_seqlens_q"]

@@ -35,7 +35,9 @@ class FwdParams:
 
     kind: 'dense' (attention), 'varlen' or 'paged'.  window: for 'dense' jax.nn's
     top-left convention, else FA's bottom-right one (None = unbounded); the plan holds
-    the kernel's own bounds.  max_seqlen_q/k: static bounds for the fallback."""
+    the kernel's own bounds.  max_seqlen_q/k: static bounds for the fallback.
+    deterministic: the gradient's backward kernel runs FA4's deterministic schedule
+    (the forward is deterministic anyway; this rides here to reach the custom_vjp)."""
 
     kind: str
     plan: KernelPlan
@@ -45,6 +47,7 @@ class FwdParams:
     forced: bool  # implementation='fa4': never fall back silently
     max_seqlen_q: int | None = None
     max_seqlen_k: int | None = None
+    deterministic: bool = False
 
 
 fa4_fwd_p = core.Primitive("jax_fa4_fwd")

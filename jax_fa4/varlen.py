@@ -27,7 +27,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
                      seqused_q=None, seqused_k=None, scale=None, is_causal=False,
                      local_window_size=None, logits_soft_cap=None, sinks=None,
                      implementation=None, return_residual=False, return_lse=False,
-                     num_splits=None):
+                     num_splits=None, deterministic=False):
     """Attention over a packed batch of sequences of different lengths.
 
     q (total_q, N, H), k (total_k, K, H), v (total_k, K, Hv); sequence b owns rows
@@ -42,15 +42,17 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
     return_residual (or return_lse: the same here) lse float32 (total_q, N),
     differentiable.  implementation: None, 'fa4' or 'xla'
     (jax_fa4's pure-JAX path).  num_splits: split-KV slices (see paged_attention); packed
-    queries run unsplit, so only None or 1 are accepted here.
+    queries run unsplit, so only None or 1 are accepted here.  deterministic: gradients
+    with the same bits on every run (see `jax_fa4.attention`).
     """
+    deterministic = validate.flag(deterministic, "deterministic")
     call, args, vals = varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 seqused_q, seqused_k, scale, is_causal, local_window_size,
                                 logits_soft_cap, sinks, implementation, num_splits)
     o, lse = execute.varlen(route_varlen(call, implementation), "varlen", args,
                             scale=vals["scale"], window=vals["window"], softcap=vals["softcap"],
                             max_seqlen_q=vals["max_q"], max_seqlen_k=vals["max_k"],
-                            forced=implementation == "fa4")
+                            forced=implementation == "fa4", deterministic=deterministic)
     return (o, lse.T) if return_residual or return_lse else o
 
 
