@@ -9,8 +9,10 @@ Three ways to say what to build:
   # the variants that listed calls need: FILE.py defines CALLS, a list of dicts with
   # 'query', 'key', 'value' as (shape, dtype) and attention's keyword arguments
   python -m jax_fa4.precompile --calls my_calls.py
-  # ... and the backward kernels their gradients need
-  python -m jax_fa4.precompile --calls my_calls.py --backward
+  # ... and the backward kernels their gradients need (--deterministic: those of
+  # deterministic=True, for every call; a call's own 'deterministic': True does it
+  # for that call)
+  python -m jax_fa4.precompile --calls my_calls.py --backward [--deterministic]
 
   # exactly the variants named (what a MissingKernelError under JAX_FA4_COMPILE=never
   # prints, ready to paste): JSON of the variant's kind and fields
@@ -68,7 +70,8 @@ def _spec(x):
 def plan_call(call: dict):
     """The kernel plan of one calls-file entry (arrays as (shape, dtype); 'fn' names the
     API; `sinks=True` stands for float32 sinks; keys starting with '_', 'lens' and
-    'grad' are a test's own data), or raises dispatch.Unsupported."""
+    'grad' are a test's own data; 'deterministic' matters to the backward only), or
+    raises dispatch.Unsupported."""
     import jax
     import numpy as np
 
@@ -76,7 +79,7 @@ def plan_call(call: dict):
     from .api import kernel_plan
 
     call = {k: _spec(x) for k, x in call.items()
-            if not k.startswith("_") and k not in ("grad", "lens")}
+            if not k.startswith("_") and k not in ("grad", "lens", "deterministic")}
     fn = call.pop("fn", "attention")
     if call.get("sinks") is True:
         heads = (call.get("query") or call.get("q")).shape[-2]
@@ -84,12 +87,13 @@ def plan_call(call: dict):
     return kernel_plan(**call) if fn == "attention" else varlen.kernel_plan(fn, **call)
 
 
-def variants_from_calls(path: str, backward: bool = False) -> list:
+def variants_from_calls(path: str, backward: bool = False, deterministic: bool = False) -> list:
     """Variants for the calls listed in `path`'s CALLS: dicts of a function's arguments,
     arrays given as (shape, dtype); 'fn' names the function ('attention' by default,
     'varlen_attention', 'paged_attention'); `sinks=True` stands for float32 sinks; keys
     starting with '_' are ignored (a test's own data).
-    backward: also the backward variants their gradients run."""
+    backward: also the backward variants their gradients run: the deterministic ones
+    for calls with 'deterministic': True, or for all with `deterministic`."""
     from .dispatch import Unsupported, plan_backward
 
     spec = importlib.util.spec_from_file_location("_jax_fa4_calls", path)
@@ -107,7 +111,8 @@ def variants_from_calls(path: str, backward: bool = False) -> list:
             continue
         if backward and grad:
             try:
-                out.append(plan_backward(plan).variant)
+                det = deterministic or bool(call.get("deterministic", False))
+                out.append(plan_backward(plan, det).variant)
             except Unsupported as e:
                 print(f"  (pure-JAX backward, nothing to build: {e})", file=sys.stderr)
     return out
@@ -137,9 +142,14 @@ def main(argv=None) -> int:
     p.add_argument("--sinks", default="no", help="no,yes")
     p.add_argument("--backward", action="store_true",
                    help="with --calls: also the backward kernels of the calls' gradients")
+    p.add_argument("--deterministic", action="store_true",
+                   help="with --backward: the deterministic backward kernels "
+                        "(attention(..., deterministic=True)) of every call")
     p.add_argument("--cache-dir", help="where to write (default: JAX_FA4_CACHE_DIR)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
+    if args.deterministic and not (args.calls and args.backward):
+        p.error("--deterministic names backward kernels: use it with --calls and --backward")
     if args.cache_dir:
         os.environ["JAX_FA4_CACHE_DIR"] = args.cache_dir
     os.environ["JAX_FA4_COMPILE"] = "auto"
@@ -150,7 +160,7 @@ def main(argv=None) -> int:
 
         variants = [variant_from_spec(spec) for spec in args.variant]
     elif args.calls:
-        variants = variants_from_calls(args.calls, args.backward)
+        variants = variants_from_calls(args.calls, args.backward, args.deterministic)
     else:
         variants = variants_from_matrix(args)
     unique = list({v.key(): v for v in variants}.values())
