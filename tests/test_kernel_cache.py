@@ -131,7 +131,9 @@ def test_dict_round_trip():
 
 
 def _each_kind():
-    """One variant of each kind, with nested configs that are not the defaults."""
+    """One variant of each kind, with nested configs and fields that are not the
+    defaults (fields at their defaults may stay out of the key: TileConfig.design,
+    BackwardVariant.deterministic)."""
     from jax_fa4.kernels.backward_config import BackwardVariant
     from jax_fa4.kernels.split import SplitVariant, decode_tile
 
@@ -140,7 +142,8 @@ def _each_kind():
              "sm90_forward", "jax_fa4_fwd_"),
             (SplitVariant(base, fused_combine=False), "sm90_forward_split", "jax_fa4_fwds_"),
             (BackwardVariant("bfloat16", 128, 128, 4, mask="causal", layout="packed",
-                             has_seqused_k=True), "sm90_backward", "jax_fa4_bwd_")]
+                             has_seqused_k=True, deterministic=True),
+             "sm90_backward", "jax_fa4_bwd_")]
 
 
 @pytest.mark.parametrize("i", range(3))
