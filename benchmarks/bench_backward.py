@@ -6,7 +6,8 @@ Each backend runs under jax.jit: the forward alone (`attn(q, k, v)`), and forwar
 backward (`jax.vjp(attn, q, k, v)[1](do)`, dq/dk/dv for a given dO).  Backward time =
 (forward + backward) - forward, both timed with block_until_ready over `--reps`
 back-to-back calls after warm-up, in the same run.  "jax_fa4" is jax_fa4.attention
-(implementation='fa4'); "cudnn" is jax.nn.dot_product_attention(implementation='cudnn').
+(implementation='fa4'); "jax_fa4_det" the same with deterministic=True (FA4's
+deterministic backward); "cudnn" is jax.nn.dot_product_attention(implementation='cudnn').
 Backward TFLOP/s = 2.5 * 4*b*h*s^2*d / time (halved for causal); forward 4*b*h*s^2*d.
 """
 from __future__ import annotations
@@ -35,11 +36,14 @@ CALLS = [dict(query=((c["b"], c["s"], c["h"], c["d"]), "bfloat16"),
               key=((c["b"], c["s"], c["hk"], c["d"]), "bfloat16"),
               value=((c["b"], c["s"], c["hk"], c["d"]), "bfloat16"), is_causal=causal)
          for c in CONFIGS for causal in (False, True)]
+CALLS += [dict(c, deterministic=True) for c in CALLS]
 
 
 def _attn(name, causal):
-    if name == "jax_fa4":
-        return lambda q, k, v: jax_fa4.attention(q, k, v, is_causal=causal, implementation="fa4")
+    if name in ("jax_fa4", "jax_fa4_det"):
+        det = name == "jax_fa4_det"
+        return lambda q, k, v: jax_fa4.attention(q, k, v, is_causal=causal, implementation="fa4",
+                                                 deterministic=det)
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                         implementation="cudnn")
 
@@ -76,7 +80,7 @@ def main(argv=None):
     p.add_argument("--out", default="backward.json")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="only b4 s8192 h16 d128")
-    p.add_argument("--backends", default="jax_fa4,cudnn")
+    p.add_argument("--backends", default="jax_fa4,jax_fa4_det,cudnn")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}", flush=True)
