@@ -212,7 +212,7 @@ def bench_row(args, b, s, hd, tq):
     if (hd, b, s, tq) in SWEEP and args.sweep:
         sw = {}
         ours = caches.get("ours") or _caches(key, copies, pages, hd, "ours")
-        for ns in SWEEP_SPLITS:
+        for ns in args.sweep_splits:
             fn = functools.partial(jax_fa4.paged_attention, is_causal=True,
                                    implementation="fa4", num_splits=ns)
             try:
@@ -313,6 +313,8 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--calls", type=int, default=16, help="layers (calls) chained per program")
     p.add_argument("--sweep", action="store_true", help="forced split counts too")
+    p.add_argument("--sweep-splits", type=_ints, default=SWEEP_SPLITS,
+                   help="the split counts --sweep forces")
     p.add_argument("--table", metavar="JSON", help="print PERF.md tables from a results file")
     p.add_argument("--plot", metavar="JSON", help="plot a results file (with --png)")
     p.add_argument("--hdims", type=_ints, default=HDIMS)
