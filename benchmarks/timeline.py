@@ -33,12 +33,15 @@ from device_time import kernel_events  # noqa: E402
 
 
 def breakdown(events):
-    """Per event: name, duration and the gap since the previous one ended (µs); and the
-    totals per kernel name."""
+    """Per event: name, duration, start (from the first event) and the gap since the
+    previous one ended (µs; negative: it started before that one ended, e.g. a
+    programmatic dependent launch); and the totals per kernel name."""
     rows, prev_end = [], None
+    t0 = events[0][1] if events else 0
     for name, start, dur in events:
-        gap = 0.0 if prev_end is None else max(0.0, (start - prev_end) / 1e3)
-        rows.append(dict(name=name[:80], us=round(dur / 1e3, 2), gap_us=round(gap, 2)))
+        gap = 0.0 if prev_end is None else (start - prev_end) / 1e3
+        rows.append(dict(name=name[:80], us=round(dur / 1e3, 2), start_us=round((start - t0) / 1e3, 2),
+                         gap_us=round(max(0.0, gap), 2), overlap_us=round(max(0.0, -gap), 2)))
         prev_end = start + dur if prev_end is None else max(prev_end, start + dur)
     per_name = collections.defaultdict(lambda: [0, 0.0])
     for r in rows:
