@@ -1,13 +1,15 @@
 """Attention backward throughput on one GPU: jax_fa4 (FA4's SM90 backward) vs cuDNN.
 
   python benchmarks/bench_backward.py --out results.json [--quick]
+  python benchmarks/bench_backward.py --set issue20 --out r.json --png r.png  # issue 20's rows
 
 Each backend runs under jax.jit: the forward alone (`attn(q, k, v)`), and forward plus
 backward (`jax.vjp(attn, q, k, v)[1](do)`, dq/dk/dv for a given dO).  Backward time =
 (forward + backward) - forward, both timed with block_until_ready over `--reps`
 back-to-back calls after warm-up, in the same run.  "jax_fa4" is jax_fa4.attention
 (implementation='fa4'); "jax_fa4_det" the same with deterministic=True (FA4's
-deterministic backward); "cudnn" is jax.nn.dot_product_attention(implementation='cudnn').
+deterministic backward); "cudnn" and "xla" are jax.nn.dot_product_attention with that
+implementation (XLA only where its score matrices fit, --xla-cap-gb).
 Backward TFLOP/s = 2.5 * 4*b*h*s^2*d / time (halved for causal); forward 4*b*h*s^2*d.
 """
 from __future__ import annotations
@@ -29,13 +31,28 @@ from bench_forward import flops, time_jax  # noqa: E402  (same timing as the for
 CONFIGS = [dict(b=4, s=8192, h=16, hk=16, d=128), dict(b=4, s=8192, h=32, hk=32, d=64),
            dict(b=4, s=8192, h=8, hk=8, d=256), dict(b=16, s=2048, h=16, hk=16, d=128),
            dict(b=4, s=8192, h=32, hk=8, d=128)]
+# Issue 20's backward rows (its fwd+bwd table) and the shapes of the published SM90
+# backward figures (d128 non-causal at ~7.8k, d256 at 16k); each with its mask.
+ISSUE20 = [dict(b=4, s=8192, h=16, hk=16, d=128, causal=True),
+           dict(b=2, s=8192, h=16, hk=16, d=64, causal=True),
+           dict(b=4, s=4096, h=8, hk=8, d=256, causal=True),
+           dict(b=2, s=7808, h=16, hk=16, d=128, causal=False, label="published: d128 s7.8k"),
+           dict(b=1, s=16384, h=16, hk=16, d=256, causal=False, label="published: d256 s16k"),
+           dict(b=1, s=16384, h=16, hk=16, d=256, causal=True, label="published: d256 causal s16k")]
+
+
+def rows(which: str) -> list[dict]:
+    if which == "issue20":
+        return ISSUE20
+    cfgs = CONFIGS[:1] if which == "quick" else CONFIGS
+    return [dict(c, causal=causal) for c in cfgs for causal in (False, True)]
 
 
 # What `python -m jax_fa4.precompile --calls benchmarks/bench_backward.py --backward` builds.
 CALLS = [dict(query=((c["b"], c["s"], c["h"], c["d"]), "bfloat16"),
               key=((c["b"], c["s"], c["hk"], c["d"]), "bfloat16"),
-              value=((c["b"], c["s"], c["hk"], c["d"]), "bfloat16"), is_causal=causal)
-         for c in CONFIGS for causal in (False, True)]
+              value=((c["b"], c["s"], c["hk"], c["d"]), "bfloat16"), is_causal=c["causal"])
+         for c in rows("default") + ISSUE20]
 CALLS += [dict(c, deterministic=True) for c in CALLS]
 
 
@@ -45,10 +62,10 @@ def _attn(name, causal):
         return lambda q, k, v: jax_fa4.attention(q, k, v, is_causal=causal, implementation="fa4",
                                                  deterministic=det)
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                                        implementation="cudnn")
+                                                        implementation=name)
 
 
-def bench_one(cfg, reps, backends):
+def bench_one(cfg, reps, backends, xla_cap_bytes=30e9):
     b, s, h, hk, d, causal = (cfg[k] for k in ("b", "s", "h", "hk", "d", "causal"))
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q = jax.random.normal(ks[0], (b, s, h, d), jnp.bfloat16)
@@ -59,6 +76,10 @@ def bench_one(cfg, reps, backends):
     res = dict(cfg, dtype="bfloat16", fwd_tflops={}, bwd_tflops={}, bwd_ms={})
     for name in backends:
         try:
+            # forward scores, probabilities and their gradient: three (b, h, s, s) float32
+            if name == "xla" and 3 * b * h * s * s * 4 > xla_cap_bytes:
+                raise MemoryError(f"XLA would materialize > {xla_cap_bytes / 1e9:.0f} GB of "
+                                  "score matrices")
             attn = _attn(name, causal)
             fwd = jax.jit(attn)
             both = jax.jit(lambda q, k, v, do, attn=attn: jax.vjp(attn, q, k, v)[1](do))
@@ -68,10 +89,43 @@ def bench_one(cfg, reps, backends):
             res["fwd_tflops"][name] = fl / t_f / 1e12
             res["bwd_tflops"][name] = 2.5 * fl / t_b / 1e12
             res["bwd_ms"][name] = t_b * 1e3
+            # issue 20's fwd+bwd figure: forward + backward at 3.5x the forward FLOPs
+            res.setdefault("fwdbwd_tflops", {})[name] = 3.5 * fl / t_fb / 1e12
         except Exception as e:  # record why a backend could not run this shape
             res["bwd_tflops"][name] = None
             res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:300]}"
     return res
+
+
+def plot_rows(results, device, path):
+    """Bars of backward TFLOP/s per shape, each backend beside the others."""
+    import time
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("jax_fa4", "jax_fa4_det", "cudnn", "xla")
+             if any(r["bwd_tflops"].get(n) for r in results)]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(results)), 4.5))
+    w = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        ax.bar([j + i * w for j in range(len(results))],
+               [r["bwd_tflops"].get(n) or 0 for r in results], w, label=n)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(results))])
+    ax.set_xticklabels([_label(r) for r in results], rotation=50, ha="right", fontsize=7)
+    ax.set_ylabel("backward TFLOP/s (2.5 x forward FLOPs)")
+    ax.set_title(f"attention backward, bf16, {device}, {time.strftime('%Y-%m-%d')}")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def _label(r):
+    return r.get("label") or (f"d{r['d']}{' causal' if r['causal'] else ''} b{r['b']} "
+                              f"s{r['s']} h{r['h']}/{r['hk']}")
 
 
 def main(argv=None):
@@ -80,31 +134,35 @@ def main(argv=None):
     p.add_argument("--out", default="backward.json")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="only b4 s8192 h16 d128")
-    p.add_argument("--backends", default="jax_fa4,jax_fa4_det,cudnn")
+    p.add_argument("--set", choices=("default", "issue20"), default="default")
+    p.add_argument("--backends", default="jax_fa4,jax_fa4_det,cudnn,xla")
+    p.add_argument("--xla-cap-gb", type=float, default=30.0)
+    p.add_argument("--png", help="bars of backward TFLOP/s per shape")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}", flush=True)
-    configs = CONFIGS[:1] if args.quick else CONFIGS
+    backends = args.backends.split(",")
+    cfgs = rows("quick" if args.quick else args.set)
     results = []
-    for cfg in configs:
-        for causal in (False, True):
-            r = bench_one(dict(cfg, causal=causal), args.reps, args.backends.split(","))
-            results.append(r)
-            row = "  ".join(f"{n}: " + ("fail" if r["bwd_tflops"].get(n) is None else
-                                        f"{r['bwd_tflops'][n]:6.1f} TF/s bwd "
-                                        f"({r['bwd_ms'][n]:.2f} ms), "
-                                        f"{r['fwd_tflops'][n]:6.1f} fwd")
-                            for n in args.backends.split(","))
-            print(f"b{cfg['b']} s{cfg['s']} h{cfg['h']}/{cfg['hk']} d{cfg['d']} "
-                  f"{'causal' if causal else 'full  '}  {row}", flush=True)
-            for n, e in r.get("errors", {}).items():
-                print(f"    {n}: {e}", flush=True)
+    for i, cfg in enumerate(cfgs, 1):
+        r = bench_one(cfg, args.reps, backends, args.xla_cap_gb * 1e9)
+        results.append(r)
+        row = "  ".join(f"{n}: " + ("fail" if r["bwd_tflops"].get(n) is None else
+                                    f"{r['bwd_tflops'][n]:6.1f} TF/s bwd "
+                                    f"({r['bwd_ms'][n]:.2f} ms), "
+                                    f"{r['fwd_tflops'][n]:6.1f} fwd, "
+                                    f"{r['fwdbwd_tflops'][n]:6.1f} fwd+bwd")
+                        for n in backends)
+        print(f"[{i}/{len(cfgs)}] {_label(r)}  {row}", flush=True)
+        for n, e in r.get("errors", {}).items():
+            print(f"    {n}: {e}", flush=True)
     with open(args.out, "w") as f:
         json.dump(dict(device=dev.device_kind, jax=jax.__version__, results=results), f,
                   indent=1)
+    if args.png:
+        plot_rows(results, dev.device_kind, args.png)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
