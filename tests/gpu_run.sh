@@ -106,7 +106,7 @@ if [[ $what == *,ncu,* ]]; then
 fi
 if [[ $what == *,backward,* ]]; then
   # forward + backward vs cuDNN, and the deterministic backward (BACKWARD_ARGS, e.g. --quick)
-  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_backward.py --out "$OUT/backward.json" \
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_backward.py --out "$OUT/backward.json" --png "$OUT/backward.png" \
     ${BACKWARD_ARGS:-} 2>&1 | tee "$OUT/backward.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
