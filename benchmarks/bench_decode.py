@@ -56,7 +56,7 @@ SWEEP = [(128, 1, 16384, 1), (128, 1, 32768, 1), (128, 1, 131072, 1), (128, 8, 3
 SWEEP_SPLITS = (4, 8, 12, 16, 20, 24, 28, 32, 33, 40, 66, 128)
 XLA_MAX_TOKENS = 8 * 32768  # the pure-JAX path gathers every page: memory and time
 L2_FLUSH_BYTES = 160e6  # > the H100's 50 MB / H200's 60 MB L2, with margin
-IMPLS = ("split", "pdl", "fused", "before", "unsplit", "pallas", "xla")
+IMPLS = ("split", "pdl", "prefetch", "fused", "before", "unsplit", "pallas", "xla")
 
 
 def _call(b, s, hd, tq=1, num_splits=None):
@@ -149,6 +149,9 @@ def _impls(args, b, s, tq, plan):
     if "pdl" in args.impls:  # issue18 with programmatic-dependent split launches
         out.append(("pdl", _planned("issue18p", functools.partial(fa4, implementation="fa4")),
                     "ours"))
+    if "prefetch" in args.impls:  # issue18p + L2 prefetch before the wait, early-trigger combine
+        out.append(("prefetch", _planned("issue18q", functools.partial(fa4, implementation="fa4")),
+                    "ours"))
     # The unsplit kernel and the pure-JAX path are Tq 1 baselines (Tq 4/8 compare the
     # split path with its own Tq 1 row).
     if "unsplit" in args.impls and plan.num_splits > 1 and tq == 1:  # else "split"'s kernel
@@ -227,7 +230,8 @@ def bench_row(args, b, s, hd, tq):
 def markdown(res: dict) -> str:
     """PERF.md tables (one per head dim and Tq) from a results JSON; columns for the
     implementations the file has."""
-    names = {"split": "split", "pdl": "split, PDL launch", "fused": "fused combine",
+    names = {"split": "split", "pdl": "split, PDL launch", "prefetch": "split, PDL + L2 prefetch",
+             "fused": "fused combine",
              "before": "before (issue 17)", "unsplit": "unsplit",
              "pallas": "pallas", "xla": "xla"}
     have = [k for k in names if any(k in r["tb_s"] or k in r.get("errors", {})
@@ -265,7 +269,7 @@ def plot(res: dict, path: str) -> None:
     batches = sorted({r["b"] for r in res["rows"]})
     colours = dict(zip(batches, ("tab:blue", "tab:red", "tab:green", "tab:purple")))
     markers = {1: "o", 4: "s", 8: "^"}
-    styles = {"split": "-", "pdl": (0, (3, 1, 1, 1)), "fused": (0, (5, 1)),
+    styles = {"split": "-", "pdl": (0, (3, 1, 1, 1)), "prefetch": (0, (1, 1)), "fused": (0, (5, 1)),
               "before": (0, (1, 1)), "unsplit": ":",
               "pallas": "--", "xla": "-."}
     fig, axes = plt.subplots(1, len(hdims), figsize=(5 * len(hdims), 4.4), sharey=True,

@@ -62,12 +62,14 @@ class KernelPlan:
     # split plans per call gets the kernel it planned with).
     combine: str = "fa4"
     split_pdl: bool = False
+    split_prefetch: int = 0
 
     @property
     def kernel_variant(self):
         """The compiled object this plan runs: `variant`, or its split-KV kernel."""
         return (self.variant if self.num_splits == 1
-                else split_variant(self.variant, self.combine, self.split_pdl))
+                else split_variant(self.variant, self.combine, self.split_pdl,
+                                   self.split_prefetch))
 
     def splits_for(self, batch: int, heads_k: int) -> int:
         """The split count for the shapes the call is lowered with: a heuristic count is
@@ -227,7 +229,7 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
     opts = split_options(v)
     return dataclasses.replace(plan, variant=v, num_splits=num_splits,
                                split_key_blocks=key_blocks, combine=opts["combine"],
-                               split_pdl=opts["pdl"])
+                               split_pdl=opts["pdl"], split_prefetch=opts["prefetch"])
 
 
 def _kernel_plan(c, window, *, cap: int, **layout) -> KernelPlan:

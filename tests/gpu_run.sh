@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
 # (comma-separated: tests, parity, timeline, ncu, diag, memcheck, guard, bench, paged, decode, sweep,
-# loop, gemma, backward, hdim512, single_qk; default
+# loop, gemma, backward, compare, hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
 # unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
 set -u
@@ -103,6 +103,13 @@ if [[ $what == *,ncu,* ]]; then
     python3 benchmarks/timeline.py decode ${NCU_DECODE:---b 1 --s 32768} --layers 1 --no-trace \
     >"$OUT/ncu.txt" 2>&1
   grep -E "==PROF==|==ERROR==|Duration|DRAM Throughput|Memory Throughput|sm__cycles_active|Registers|Achieved Occupancy|Block Limit|Grid Size|Shared Memory Config" "$OUT/ncu.txt" | head -60
+fi
+if [[ $what == *,compare,* ]]; then
+  # a not-yet-validated split plan's decode output against the default plan's and a
+  # float32 reference (COMPARE_PLAN, e.g. issue18q)
+  timeout ${TEST_TIMEOUT:-600} python3 -u tests/gpu_compare_plans.py ${COMPARE_PLAN:-issue18q} \
+    2>&1 | tee "$OUT/compare.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,backward,* ]]; then
   # forward + backward vs cuDNN, and the deterministic backward (BACKWARD_ARGS, e.g. --quick)

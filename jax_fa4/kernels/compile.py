@@ -94,6 +94,10 @@ def compile_variant(variant: KernelVariant, *, verbose: bool = False) -> bytes:
 def _compiler_for(variant: KernelVariant):
     """The compile function of `variant`'s kind (importing its module imports the DSL:
     call inside target_sm90)."""
+    if isinstance(variant, SplitVariant) and variant.prefetch:
+        from .forward_split_prefetch import compile_split_prefetch
+
+        return compile_split_prefetch
     if isinstance(variant, SplitVariant) and variant.combine == "fused":
         from .forward_split_fused import compile_split_fused
 

@@ -36,6 +36,8 @@ FORWARD_SOURCES = ("forward.py", "forward_abi.py", "forward_hdim512.py",
 SPLIT_SOURCES = ("forward_split.py",)  # on top of the base variant's FORWARD_SOURCES
 # and, for a split variant whose combine is "fused" (the merge inside the split kernel)
 FUSED_SPLIT_SOURCES = ("forward_split_fused.py",)
+# and, for one that prefetches before its PDL wait (SplitVariant.prefetch)
+PREFETCH_SPLIT_SOURCES = ("forward_split_prefetch.py",)
 BACKWARD_SOURCES = ("backward.py", "backward_abi.py", "forward.py")
 
 

@@ -22,7 +22,8 @@ import json
 import math
 import os
 
-from .config import FUSED_SPLIT_SOURCES, SPLIT_SOURCES, ForwardVariant, TileConfig
+from .config import (FUSED_SPLIT_SOURCES, PREFETCH_SPLIT_SOURCES, SPLIT_SOURCES,
+                     ForwardVariant, TileConfig)
 from .variant import KernelVariant, kernel_source_digest
 
 # Bump when the split launcher's argument convention (forward_split.py) changes.
@@ -64,6 +65,9 @@ class SplitPlan:
     decode_head_dims: tuple[int, ...]
     decode_page_sizes: tuple[int, ...]
     pdl: bool = False
+    # K/V tiles each split block asks L2 for before it waits for the preceding grid
+    # (SplitVariant.prefetch; needs pdl)
+    prefetch: int = 0
 
 
 SPLIT_PLANS = {
@@ -79,6 +83,10 @@ SPLIT_PLANS = {
     # before it and both kernels at the maximum shared-memory carveout (the combine
     # used a smaller one: SMs reconfigure between the kernels).
     "issue18p": SplitPlan("wide", (64, 96, 128, 192, 256), (64, 128), pdl=True),
+    # issue18p whose split blocks prefetch their first 4 K/V tiles to L2 before the
+    # wait, and whose combine lets the next PDL launch start as it begins waiting
+    # (kernels/forward_split_prefetch.py)
+    "issue18q": SplitPlan("wide", (64, 96, 128, 192, 256), (64, 128), pdl=True, prefetch=4),
 }
 # The plan new calls get: the newest whose kernels passed the GPU suite.  "issue18"
 # did on 2026-12-07 (H100: every GPU case whose kernel differs from issue17's, 169 of
@@ -166,12 +174,18 @@ class SplitVariant(KernelVariant):
     # launch and prologue overlap that kernel's tail; it waits before touching global
     # memory), and split and combine kernels with the maximum shared-memory carveout.
     pdl: bool = False
+    # With pdl and a combine kernel: K/V tiles each split block prefetches to L2 before
+    # it waits, and the combine lets its own dependents launch early
+    # (kernels/forward_split_prefetch.py; 0: neither, and no key entry).
+    prefetch: int = 0
 
     def __post_init__(self):
         if self.combine not in COMBINES:
             raise ValueError(f"unknown combine {self.combine!r} ({', '.join(COMBINES)})")
         if not self.fused_combine and self.combine != "fa4":
             raise ValueError("an unfused split variant has no combine block shape")
+        if self.prefetch and not (self.pdl and self.fused_combine and self.combine != "fused"):
+            raise ValueError("prefetch needs a PDL launch and a combine kernel")
         b = self.base
         if b.q_layout != "dense" or b.kv_layout == "packed":
             raise ValueError("split-KV needs dense q and dense or paged k/v")
@@ -185,7 +199,15 @@ class SplitVariant(KernelVariant):
                   "base_key": json.loads(self.base.key())}
         if self.combine == "fused":  # its kernel code is in one more module
             extras["fused_source"] = kernel_source_digest(*FUSED_SPLIT_SOURCES)
+        if self.prefetch:
+            extras["prefetch_source"] = kernel_source_digest(*PREFETCH_SPLIT_SOURCES)
         return extras
+
+    def as_dict(self) -> dict:
+        d = super().as_dict()
+        if not self.prefetch:  # the key (and spec) of variants that predate it
+            del d["prefetch"]
+        return d
 
     def describe_parts(self) -> list[str]:
         return [self.base.describe(), "split-KV" + (
@@ -242,14 +264,19 @@ def split_options(v: ForwardVariant) -> dict:
         combine = "fa4"
     elif combine == "fused" and v.tile.design != "fa4":
         combine = "wide"
-    return {"combine": combine, "pdl": PLAN.pdl}
+    # the prefetch rides on the combine kernel's early trigger: not for sinks (merged in
+    # JAX) or the in-kernel merge
+    prefetch = PLAN.prefetch if PLAN.pdl and not v.has_sinks and combine != "fused" else 0
+    return {"combine": combine, "pdl": PLAN.pdl, "prefetch": prefetch}
 
 
-def split_variant(v: ForwardVariant, combine: str, pdl: bool) -> SplitVariant:
+def split_variant(v: ForwardVariant, combine: str, pdl: bool, prefetch: int = 0) -> SplitVariant:
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
-    dense k/v get an explicit seqused_k), with split_options' `combine` and `pdl`."""
+    dense k/v get an explicit seqused_k), with split_options' `combine`, `pdl` and
+    `prefetch`."""
     return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
-                        fused_combine=not v.has_sinks, combine=combine, pdl=pdl)
+                        fused_combine=not v.has_sinks, combine=combine, pdl=pdl,
+                        prefetch=prefetch)
 
 
 def pad16(n):
