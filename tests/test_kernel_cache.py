@@ -133,14 +133,15 @@ def test_dict_round_trip():
 def _each_kind():
     """One variant of each kind, with nested configs and fields that are not the
     defaults (fields at their defaults may stay out of the key: TileConfig.design,
-    BackwardVariant.deterministic)."""
+    BackwardVariant.deterministic, SplitVariant.prefetch)."""
     from jax_fa4.kernels.backward_config import BackwardVariant
     from jax_fa4.kernels.split import SplitVariant, decode_tile
 
     base = ForwardVariant("bfloat16", 128, 128, 8, has_seqused_k=True, tile=decode_tile(128, 64))
     return [(ForwardVariant("float16", 512, 512, 4, tile=config.hdim512_tile("split_pv")),
              "sm90_forward", "jax_fa4_fwd_"),
-            (SplitVariant(base, fused_combine=False), "sm90_forward_split", "jax_fa4_fwds_"),
+            (SplitVariant(base, combine="wide", pdl=True, prefetch=4), "sm90_forward_split",
+             "jax_fa4_fwds_"),
             (BackwardVariant("bfloat16", 128, 128, 4, mask="causal", layout="packed",
                              has_seqused_k=True, deterministic=True),
              "sm90_backward", "jax_fa4_bwd_")]
@@ -163,11 +164,19 @@ def test_every_kind_builds_its_key_the_same_way(i):
 
 
 def test_split_key_names_its_base_and_combine():
+    from jax_fa4.kernels.split import SplitVariant
+
     v = _each_kind()[1][0]
     d = json.loads(v.key())
     assert d["base_key"] == json.loads(v.base.key())
     assert d["combine_log_max_splits"] == 7
-    assert v.describe() == v.base.describe() + ", split-KV"
+    # the prefetching kernel's code is one more module (kernels/forward_split_prefetch.py)
+    assert d["prefetch_source"] == config.kernel_source_digest(*config.PREFETCH_SPLIT_SOURCES)
+    unfused = SplitVariant(v.base, fused_combine=False)
+    assert "prefetch" not in json.loads(unfused.key())  # keys from before the field
+    assert unfused.describe() == v.base.describe() + ", split-KV"
+    with pytest.raises(ValueError, match="prefetch needs"):
+        SplitVariant(v.base, combine="wide", pdl=False, prefetch=4)
 
 
 def test_backward_for_forward_carries_the_attention_fields():
@@ -620,7 +629,7 @@ def test_every_kernel_module_is_digested_or_planning_only():
 
     here = pathlib.Path(config.__file__).parent
     digested = set(config.FORWARD_SOURCES + config.SPLIT_SOURCES + config.FUSED_SPLIT_SOURCES
-                   + config.BACKWARD_SOURCES)
+                   + config.PREFETCH_SPLIT_SOURCES + config.BACKWARD_SOURCES)
     planning = {"__init__.py", "variant.py", "config.py", "split.py", "backward_config.py",
                 "errors.py", "cache.py", "compile.py"}
     assert {p.name for p in here.glob("*.py")} == digested | planning
