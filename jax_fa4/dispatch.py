@@ -79,7 +79,8 @@ class KernelPlan:
         least 2 splits)."""
         if self.split_key_blocks is None:
             return self.num_splits
-        return max(2, choose_num_splits(batch, heads_k, 1, self.split_key_blocks))
+        return max(2, choose_num_splits(batch, heads_k, 1, self.split_key_blocks,
+                                        head_dim=self.variant.head_dim))
 
 
 class Unsupported(Exception):
@@ -222,7 +223,7 @@ def _with_splits(plan: KernelPlan, batch: int, heads_k: int, seq_q: int, max_seq
         # Automatic only for decode-like calls: one query tile per (sequence, KV head).
         key_blocks = -(-max_seq_k // v.tile.tile_n)
         num_splits = 1 if rows > v.tile.tile_m else choose_num_splits(
-            batch, heads_k, 1, key_blocks)
+            batch, heads_k, 1, key_blocks, head_dim=v.head_dim)
     if num_splits == 1:
         return plan
     v = decode_variant(v, page_size)

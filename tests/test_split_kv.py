@@ -42,6 +42,15 @@ SDS = jax.ShapeDtypeStruct
 def test_heuristic(batch, kv_heads, n_blocks, want):
     s = choose_num_splits(batch, kv_heads, 1, n_blocks)
     assert s == want
+    assert choose_num_splits(batch, kv_heads, 1, n_blocks, head_dim=256) == want
+
+
+@pytest.mark.parametrize("batch,want", [(1, 16), (2, 8), (4, 8), (8, 4)])
+def test_heuristic_small_grids_at_head_dim_128(batch, want):
+    """Head dims up to 128 split a small grid into ~64 blocks, not ~80 (the batch-1
+    sweep peaks at 16 splits with 4 KV heads; docs/PERF.md)."""
+    assert choose_num_splits(batch, 4, 1, 2048, head_dim=128) == want
+    assert choose_num_splits(batch, 4, 1, 2048, head_dim=64) == want
 
 
 def test_heuristic_keeps_blocks_per_split():

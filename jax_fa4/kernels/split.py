@@ -46,6 +46,11 @@ MIN_BLOCKS_PER_SPLIT = 2
 # 256 and 512; batches of 4 and 8 (16 and 32 tiles) are fastest with a full wave.
 SMALL_GRID_TILES = 8
 SMALL_GRID_WAVE = 0.6
+# ... except head dims up to 128, whose blocks stream faster: bench_decode --sweep at
+# batch 1 (4 KV heads, hdim 128, H100; docs/PERF.md) peaks at 16 splits -- 64 blocks --
+# at 8k, 16k, 32k and 128k alike (+1.8 to +3.2 % over 20), on 2026-11-25 and again on
+# 2026-12-07; head dims 256 and 512 peak at 20.
+SMALL_GRID_WAVE_HDIM128 = 64 / 132
 # Head dims the split epilogue serves: FA4's kernel up to 256, and the head-dim-512
 # split-K kernel (its epilogue places both warpgroups' O halves; kernels/forward_split.py).
 MAX_HEAD_DIM = 512
@@ -310,14 +315,14 @@ def fused_regions(batch: int, heads: int, seq_q: int, head_dim_v: int,
 
 
 def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
-                      num_sms: int = NUM_SMS) -> int:
+                      num_sms: int = NUM_SMS, head_dim: int | None = None) -> int:
     """How many key slices per (sequence, KV head, query tile), FA2/FA3-style.
 
     batch * kv_heads * m_blocks thread blocks run without splitting; when that fills
     most of the GPU, splitting only adds combine work.  Otherwise pick the smallest
     split count whose wave efficiency (blocks / (SMs * waves)) is within 10% of the
     best, keeping >= MIN_BLOCKS_PER_SPLIT key blocks per split; small grids stop at
-    SMALL_GRID_WAVE of a wave.
+    SMALL_GRID_WAVE of a wave (SMALL_GRID_WAVE_HDIM128 for head_dim <= 128).
 
     n_blocks is the key blocks of the *longest possible* sequence (cache capacity):
     lengths are traced, so a skewed batch (one long sequence among short ones) is sized
@@ -335,5 +340,7 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
     best = max(effs.values())
     s = next(s for s in sorted(effs) if effs[s] >= 0.9 * best)
     if tiles <= SMALL_GRID_TILES:
-        s = min(s, math.ceil(SMALL_GRID_WAVE * num_sms / tiles))
+        wave = (SMALL_GRID_WAVE_HDIM128 if head_dim is not None and head_dim <= 128
+                else SMALL_GRID_WAVE)
+        s = min(s, math.ceil(round(wave * num_sms, 6) / tiles))
     return s
