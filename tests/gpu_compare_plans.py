@@ -36,18 +36,19 @@ def _reference(q, kc, vc, table, used):
         if n == 0:
             continue
         pages = np.asarray(table[i])[: -(-n // PAGE)]
-        k = kc[pages].reshape(-1, KV_HEADS, d)[:n]
-        v = vc[pages].reshape(-1, KV_HEADS, vc.shape[-1])[:n]
-        k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-        s = np.einsum("thd,khd->htk", q[i], k) / np.sqrt(d)
+        k = kc[pages].reshape(-1, KV_HEADS, d)[:n].transpose(1, 2, 0)  # (KV, d, n)
+        v = vc[pages].reshape(-1, KV_HEADS, vc.shape[-1])[:n].transpose(1, 0, 2)  # (KV, n, dv)
+        # query head j reads KV head j // g; rows (t, j % g) of each KV head
+        qg = q[i].reshape(tq, KV_HEADS, g, d).transpose(1, 0, 2, 3).reshape(KV_HEADS, tq * g, d)
+        s = (qg @ k) / np.sqrt(d)  # (KV, tq * g, n)
         pos = np.arange(n)[None, :]
-        last = n - tq + np.arange(tq)[:, None]  # query t sees keys <= n - tq + t
+        last = np.repeat(n - tq + np.arange(tq), g)[:, None]  # query t sees keys <= n - tq + t
         s = np.where((pos <= last)[None], s, -np.inf)
         m = s.max(-1, keepdims=True)
         p = np.where(np.isfinite(m), np.exp(s - np.where(np.isfinite(m), m, 0)), 0)
         l = p.sum(-1, keepdims=True)
-        o = np.einsum("htk,khd->thd", p / np.where(l > 0, l, 1), v)
-        out[i] = o
+        o = (p / np.where(l > 0, l, 1)) @ v  # (KV, tq * g, dv)
+        out[i] = o.reshape(KV_HEADS, tq, g, -1).transpose(1, 0, 2, 3).reshape(tq, h, -1)
     return out
 
 
