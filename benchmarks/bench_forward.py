@@ -152,8 +152,14 @@ def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
 SWEEP_TILES = {
     64: [(192, 128, True), (128, 128, True), (192, 192, True), (128, 192, True),
          (192, 96, True), (192, 128, False)],
-    128: [(128, 128, True), (128, 176, True), (128, 96, True), (192, 128, False)],
+    # 64-row tiles (one MMA warpgroup, as the decode tile) and 64 keys: less causal
+    # masking waste and more thread blocks at issue 20's short sequences
+    128: [(128, 128, True), (128, 176, True), (128, 96, True), (192, 128, False),
+          (128, 64, True), (64, 128, True)],
 }
+# Sequence lengths swept per head dim (batch = 32768 // s): issue 20's short rows
+# (b64 s512, b32 s1024, b16 s2048 at head dim 128) and a long one.
+SWEEP_SEQS = {64: (1024, 4096), 128: (512, 1024, 2048, 4096)}
 
 
 def sweep_variants():
@@ -164,7 +170,7 @@ def sweep_variants():
 
     out = []
     for d, tiles in SWEEP_TILES.items():
-        for s in (1024, 4096):
+        for s in SWEEP_SEQS[d]:
             for causal in (False, True):
                 h = 2048 // d
                 cfg = dict(b=32768 // s, s=s, h=h, hk=h, d=d, causal=causal, dtype="bfloat16")
@@ -270,7 +276,15 @@ def main():
     p.add_argument("--backends", default="jax_fa4,cudnn,xla,direct")
     p.add_argument("--tile-sweep", action="store_true",
                    help="only time alternative tiles (SWEEP_TILES) by direct launch")
+    p.add_argument("--sweep-specs", action="store_true",
+                   help="print the tile sweep's variant specs, one per line (for "
+                        "python -m jax_fa4.precompile --variant)")
     args = p.parse_args()
+    if args.sweep_specs:
+        from jax_fa4.kernels.compile import variant_spec
+        for spec in dict.fromkeys(variant_spec(v) for _, v in sweep_variants()):
+            print(spec)
+        return
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
     direct = DirectLauncher()
