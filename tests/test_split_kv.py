@@ -3,6 +3,7 @@ pure-JAX combine's numerics, and cross-lowering (the split call's operands, its 
 float32 workspace result and its scalars)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -437,12 +438,46 @@ def test_fused_combine_plan_compiles_and_lowers(q_heads, monkeypatch):
             assert re.search(rf"stablehlo.slice .*tensor<{ws}xf32>", text)
 
 
+@requires_compiler
+@pytest.mark.compile
+@pytest.mark.usefixtures("_own_cache")
+def test_prefetch_plan_compiles_and_lowers(monkeypatch):
+    """Plan issue18q (kernels/forward_split_prefetch.py): the split kernel prefetches
+    its first K/V tiles to L2 before its PDL wait and the combine triggers its own
+    dependents before it waits; it compiles for sm_90a, and its call lowers like the
+    combine's (out, lse, workspace), naming its own object."""
+    monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS["issue18q"])
+    b, pages, kh, mp, hd, s = 2, 64, 2, 32, 128, 5
+    args = [SDS((b, 1, 16, hd), jnp.bfloat16), SDS((pages, 64, kh, hd), jnp.bfloat16),
+            SDS((pages, 64, kh, hd), jnp.bfloat16), SDS((b, mp), jnp.int32),
+            SDS((b,), jnp.int32)]
+    sv = varlen.kernel_plan("paged_attention", q=args[0], k_cache=args[1], v_cache=args[2],
+                            page_table=args[3], seqused_k=args[4], is_causal=True,
+                            num_splits=s).kernel_variant
+    assert sv.pdl and sv.prefetch == 4 and "prefetch_source" in sv.key()
+    assert sv.symbol != dataclasses.replace(sv, prefetch=0).symbol
+    from jax_fa4.kernels import compile as kernel_compile
+    with kernel_compile.target_sm90():
+        from jax_fa4.kernels.forward_split_prefetch import compile_split_prefetch
+        assert len(compile_split_prefetch(sv)) > 10_000
+    f = functools.partial(jax_fa4.paged_attention, is_causal=True, implementation="fa4",
+                          num_splits=s)
+    line = _call_line(jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+    assert f'symbol = "{sv.symbol}"' in line
+    assert re.search(rf"->\s*\(tensor<{b}x1x16x{hd}xbf16>, tensor<{b}x16x1xf32>, "
+                     rf"tensor<{workspace_size(b, 16, 1, hd, s)}xf32>\)", line)
+    # sinks merge in JAX (no combine kernel to trigger early): no prefetch
+    sinks = _paged_plan(128, 64, num_splits=8, sinks=SDS((32,), jnp.float32)).kernel_variant
+    assert sinks.prefetch == 0 and not sinks.fused_combine
+
+
 def test_the_plan_owns_the_split_kernel(monkeypatch):
     """The split plan is read when a call is planned: a call planned under issue18f
     keeps its in-kernel merge (and one planned under issue18p its PDL launch) even when
     the process's plan differs by the time the call is lowered (bench_decode switches
     plans per call)."""
-    for name, field, value in [("issue18f", "combine", "fused"), ("issue18p", "pdl", True)]:
+    for name, field, value in [("issue18f", "combine", "fused"), ("issue18p", "pdl", True),
+                               ("issue18q", "prefetch", 4)]:
         monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS[name])
         plan = _paged_plan(128, 64, num_splits=8)
         monkeypatch.setattr(split, "PLAN", split.SPLIT_PLANS["issue17"])
