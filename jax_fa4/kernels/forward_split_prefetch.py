@@ -12,10 +12,11 @@ kernels, in their own module so the other split objects keep their keys.
   barrier), so the first loads after the wait hit L2 instead of starting the DRAM
   round trip then.  The lengths and page-table entries it reads for that come from L2
   (ld.global.cg): the kernel before may still be writing them, so they are a hint
-  only -- a stale or out-of-range page just prefetches a useless (TMA-clipped) tile,
-  and every load that computes with them happens after the wait, as in
-  forward_split.py.  The slice is the split's share of ceil(seqused_k / tile_n) key
-  blocks (exact for decode; a hint for windows and longer query tiles).
+  only.  The block count is clamped to the page table's width, so a stale length never
+  reads past it; a stale or out-of-range page prefetches a useless (TMA-clipped) tile;
+  every load the kernel computes with happens after the wait, as in forward_split.py.
+  The slice is the split's share of ceil(seqused_k / tile_n) key blocks (exact for
+  decode; a hint for windows and longer query tiles).
 
 Measured: not yet (kernels/split.py plan "issue18q").
 """
@@ -65,6 +66,10 @@ class PrefetchSplitMixin(SplitKVMixin):
                 head_kv = head_idx // self.qhead_per_kvhead
             seqlen_k = cute.arch.load(utils.elem_pointer(mSeqUsedK, ((b, 0),)), Int32, cop="cg")
             n = cutlass.max((seqlen_k + self.tile_n - 1) // self.tile_n, 0)
+            if cutlass.const_expr(mPageTable is not None):
+                # seqused_k may not be written yet (XLA reuses memory): never read past
+                # the page table (a dense K/V tile past the end is TMA-clipped)
+                n = cutlass.min(n, mPageTable.shape[1])
             lo = n * s // splits
             n_block = n * (s + 1) // splits - 1 - lane  # FA4 walks its blocks downward
             if lane < self._prefetch_tiles and n_block >= lo:
