@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jax_fa4  # noqa: E402
-from bench_forward import flops, time_jax  # noqa: E402  (same timing as the forward)
+from bench_forward import bar_chart, flops, time_jax  # noqa: E402  (same timing as the forward)
 
 CONFIGS = [dict(b=4, s=8192, h=16, hk=16, d=128), dict(b=4, s=8192, h=32, hk=32, d=64),
            dict(b=4, s=8192, h=8, hk=8, d=256), dict(b=16, s=2048, h=16, hk=16, d=128),
@@ -99,28 +99,10 @@ def bench_one(cfg, reps, backends, xla_cap_bytes=30e9):
 
 def plot_rows(results, device, path):
     """Bars of backward TFLOP/s per shape, each backend beside the others."""
-    import time
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in ("jax_fa4", "jax_fa4_det", "cudnn", "xla")
-             if any(r["bwd_tflops"].get(n) for r in results)]
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(results)), 4.5))
-    w = 0.8 / max(1, len(names))
-    for i, n in enumerate(names):
-        ax.bar([j + i * w for j in range(len(results))],
-               [r["bwd_tflops"].get(n) or 0 for r in results], w, label=n)
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(results))])
-    ax.set_xticklabels([_label(r) for r in results], rotation=50, ha="right", fontsize=7)
-    ax.set_ylabel("backward TFLOP/s (2.5 x forward FLOPs)")
-    ax.set_title(f"attention backward, bf16, {device}, {time.strftime('%Y-%m-%d')}")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    bar_chart(results, ("jax_fa4", "jax_fa4_det", "cudnn", "xla"),
+              lambda r, n: r["bwd_tflops"].get(n), _label,
+              "backward TFLOP/s (2.5 x forward FLOPs)", f"attention backward, bf16, {device}",
+              path)
 
 
 def _label(r):

@@ -242,28 +242,35 @@ CALLS = [dict(query=((c["b"], c["s"], c["h"], c["d"]), c["dtype"]),
               **({"scale": c["scale"]} if "scale" in c else {})) for c in ISSUE20]
 
 
-def plot_rows(results, device, path):
-    """Bars of TFLOP/s per shape: jax_fa4 beside cuDNN and XLA."""
+def bar_chart(results, names, value, label, ylabel, title, path):
+    """Bars of value(row, backend) per row (label(row) under each group), one colour per
+    backend of `names` that has a value anywhere; bench_backward draws with it too."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("jax_fa4", "cudnn", "xla") if any(r["tflops"].get(n) for r in results)]
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(results)), 4.5))
+    names = [n for n in names if any(value(r, n) for r in results)]
+    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(results)), 4.5))
     w = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
         ax.bar([j + i * w for j in range(len(results))],
-               [r["tflops"].get(n) or 0 for r in results], w, label=n)
+               [value(r, n) or 0 for r in results], w, label=n)
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(results))])
-    ax.set_xticklabels([r.get("label", "") for r in results], rotation=60, ha="right",
-                       fontsize=7)
-    ax.set_ylabel("TFLOP/s")
-    ax.set_title(f"forward attention, bf16, {device}, {time.strftime('%Y-%m-%d')}")
+    ax.set_xticklabels([label(r) for r in results], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}, {time.strftime('%Y-%m-%d')}")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def plot_rows(results, device, path):
+    """Bars of TFLOP/s per shape: jax_fa4 beside cuDNN and XLA."""
+    bar_chart(results, ("jax_fa4", "cudnn", "xla"), lambda r, n: r["tflops"].get(n),
+              lambda r: r.get("label", ""), "TFLOP/s", f"forward attention, bf16, {device}",
+              path)
 
 
 def main():
