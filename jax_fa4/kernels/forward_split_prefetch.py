@@ -26,9 +26,10 @@ import contextlib
 
 from .forward import _DTYPES, _fa4_kernel, cuda, cute, cutlass
 from .forward_abi import operands
-from .forward_split import (_LOAD_SIG, SMEM_CARVEOUT, SplitKVMixin, _CombineAfterSplit,
-                            _combine, compile_split_launcher, run_split)
-from .split import COMBINE_LOG_MAX_SPLITS, SplitVariant, combine_config
+from .forward_split import (_LOAD_SIG, SplitKVMixin, _combine, _combine_kernel,
+                            _CombineAfterSplit, compile_split_launcher, run_split,
+                            split_kernel)
+from .split import SplitVariant
 
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import cpasync
@@ -99,11 +100,11 @@ class PrefetchSplitMixin(SplitKVMixin):
 
 
 def prefetch_split_kernel(fa, tiles: int):
-    """`fa` (an FA4 SM90 forward kernel object) with the split-KV overrides, launched
-    as a programmatic dependent, prefetching `tiles` K/V tiles before its wait."""
-    cls = type(fa)
-    fa.__class__ = type(cls.__name__ + "PrefetchSplit", (PrefetchSplitMixin, cls), {})
-    fa._fa4_cls, fa._pdl, fa._prefetch_tiles = cls, True, tiles
+    """forward_split.split_kernel(fa, pdl=True), prefetching `tiles` K/V tiles before
+    its wait."""
+    fa = split_kernel(fa, pdl=True)
+    fa.__class__ = type(type(fa).__name__ + "Prefetch", (PrefetchSplitMixin, type(fa)), {})
+    fa._prefetch_tiles = tiles
     return fa
 
 
@@ -113,14 +114,11 @@ class _CombineTriggersEarly(_CombineAfterSplit):
     cute.arch.griddepcontrol_wait once before it reads anything, and while it is traced
     that call emits griddepcontrol.launch_dependents first."""
 
-    carveout = SMEM_CARVEOUT
-
     def kernel(self, *args, **kwargs):
-        with _trigger_before_wait():
-            launcher = _CombineAfterSplit.kernel(self, *args, **kwargs)
+        launcher = _CombineAfterSplit.kernel(self, *args, **kwargs)
         launch = launcher.launch
 
-        def launch_traced(*a, **kw):  # the body may be traced at launch
+        def launch_traced(*a, **kw):  # the body is traced when it is launched
             with _trigger_before_wait():
                 return launch(*a, **kw)
         launcher.launch = launch_traced
@@ -147,11 +145,8 @@ def _make_launcher(sv: SplitVariant):
     fa = prefetch_split_kernel(_fa4_kernel(v), sv.prefetch)
     fa.out_head_dim_v = v.head_dim_v
     n_ops = len(operands(v))
-    c = combine_config(sv.combine, v.head_dim_v)
-    combine = _CombineTriggersEarly(
-        _DTYPES[v.dtype], Float32, v.head_dim_v, num_head=1, tile_m=c.tile_m,
-        k_block_size=c.k_block, num_threads=c.threads, log_max_splits=COMBINE_LOG_MAX_SPLITS,
-        stages=c.stages)
+    combine = _combine_kernel(sv)  # forward_split's, with its early trigger
+    combine.__class__ = _CombineTriggersEarly
 
     @cute.jit
     def launch(stream: cuda.CUstream, *args):
