@@ -57,6 +57,11 @@ SWEEP_SPLITS = (4, 8, 12, 16, 20, 24, 28, 32, 33, 40, 66, 128)
 XLA_MAX_TOKENS = 8 * 32768  # the pure-JAX path gathers every page: memory and time
 L2_FLUSH_BYTES = 160e6  # > the H100's 50 MB / H200's 60 MB L2, with margin
 IMPLS = ("split", "pdl", "prefetch", "fused", "before", "unsplit", "pallas", "xla")
+# The implementations that are the split path under a named split plan: the default;
+# issue18p (PDL launch); issue18q (+ L2 prefetch before the wait, early-trigger
+# combine); issue18f (the merge inside the split kernel); issue17 (as issue 17 left it).
+PLAN_IMPLS = {"split": split.DEFAULT_PLAN, "pdl": "issue18p", "prefetch": "issue18q",
+              "fused": "issue18f", "before": "issue17"}
 
 
 def _call(b, s, hd, tq=1, num_splits=None):
@@ -142,26 +147,13 @@ def _planned(name, fn):
 def _impls(args, b, s, tq, plan):
     """(name, attention fn of (q, k, v, table, used), cache layout) to time."""
     fa4 = functools.partial(jax_fa4.paged_attention, is_causal=True)
-    out = []
-    if "split" in args.impls:  # the default plan
-        out.append(("split", _planned(split.DEFAULT_PLAN,
-                                      functools.partial(fa4, implementation="fa4")), "ours"))
-    if "pdl" in args.impls:  # issue18 with programmatic-dependent split launches
-        out.append(("pdl", _planned("issue18p", functools.partial(fa4, implementation="fa4")),
-                    "ours"))
-    if "prefetch" in args.impls:  # issue18p + L2 prefetch before the wait, early-trigger combine
-        out.append(("prefetch", _planned("issue18q", functools.partial(fa4, implementation="fa4")),
-                    "ours"))
+    # the split path under each plan (kernels/split.SPLIT_PLANS) an implementation names
+    out = [(name, _planned(plan_name, functools.partial(fa4, implementation="fa4")), "ours")
+           for name, plan_name in PLAN_IMPLS.items() if name in args.impls]
     # The unsplit kernel and the pure-JAX path are Tq 1 baselines (Tq 4/8 compare the
     # split path with its own Tq 1 row).
     if "unsplit" in args.impls and plan.num_splits > 1 and tq == 1:  # else "split"'s kernel
         out.append(("unsplit", functools.partial(fa4, implementation="fa4", num_splits=1),
-                    "ours"))
-    if "fused" in args.impls:  # issue 18's tiles, the combine inside the split kernel
-        out.append(("fused", _planned("issue18f", functools.partial(fa4, implementation="fa4")),
-                    "ours"))
-    if "before" in args.impls:  # the split path as issue 17 left it
-        out.append(("before", _planned("issue17", functools.partial(fa4, implementation="fa4")),
                     "ours"))
     pallas = _pallas()
     if "pallas" in args.impls and tq == 1 and pallas is not None and args.platform == "gpu":
