@@ -54,14 +54,16 @@ def _path(v) -> str:
 
 
 def _split(plan) -> str:
-    """unsplit; split_<combine>[_pdl] (the combine kernel's block shape, or the merge
-    inside the split kernel: kernels/split.COMBINES) or split_jax_merge (sinks)."""
+    """unsplit; split_<combine>[_pdl][_prefetch] (the combine kernel's block shape, or
+    the merge inside the split kernel: kernels/split.COMBINES; the launch; the L2
+    prefetch before the wait) or split_jax_merge (sinks)."""
     if plan.num_splits == 1:
         return "unsplit"
     sv = plan.kernel_variant
     if not sv.fused_combine:
         return "split_jax_merge"
-    return f"split_{sv.combine}" + ("_pdl" if sv.pdl else "")
+    return (f"split_{sv.combine}" + ("_pdl" if sv.pdl else "")
+            + ("_prefetch" if sv.prefetch else ""))
 
 
 def _mask(v) -> str:

@@ -39,8 +39,10 @@ def test_every_split_plan_is_covered_too(name, monkeypatch):
     reach = plan_space.reachable(differing_from=split.DEFAULT_PLAN)
     missing = sorted(set(reach) - set(plan_space.matrix_classes()))
     assert not missing, "\n".join(f"  {c}  e.g. {reach[c]}" for c in missing[:20])
-    splits = {c[3] for c in reach if c[0] == "structure"}
-    assert f"split_{split.SPLIT_PLANS[name].combine}" in {k.removesuffix("_pdl") for k in splits}
+    plan = split.SPLIT_PLANS[name]
+    want = (f"split_{plan.combine}" + ("_pdl" if plan.pdl else "")
+            + ("_prefetch" if plan.prefetch else ""))
+    assert want in {c[3] for c in reach if c[0] == "structure"}
 
 
 def test_space_is_walked(reach):
