@@ -342,5 +342,5 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, n_blocks: int,
     if tiles <= SMALL_GRID_TILES:
         wave = (SMALL_GRID_WAVE_HDIM128 if head_dim is not None and head_dim <= 128
                 else SMALL_GRID_WAVE)
-        s = min(s, math.ceil(round(wave * num_sms, 6) / tiles))
+        s = min(s, math.ceil(wave * num_sms / tiles))
     return s
