@@ -38,7 +38,10 @@ ISSUE20 = [dict(b=4, s=8192, h=16, hk=16, d=128, causal=True),
            dict(b=4, s=4096, h=8, hk=8, d=256, causal=True),
            dict(b=2, s=7808, h=16, hk=16, d=128, causal=False, label="published: d128 s7.8k"),
            dict(b=1, s=16384, h=16, hk=16, d=256, causal=False, label="published: d256 s16k"),
-           dict(b=1, s=16384, h=16, hk=16, d=256, causal=True, label="published: d256 causal s16k")]
+           dict(b=1, s=16384, h=16, hk=16, d=256, causal=True, label="published: d256 causal s16k"),
+           # Gemma-4 global: the kernel forward, then the pure-JAX chunked backward (no
+           # SM90 kernel backward at head dim 512: docs/DESIGN.md says why)
+           dict(b=1, s=8192, h=32, hk=4, d=512, causal=True, label="d512 causal b1 s8192 32/4")]
 
 
 def rows(which: str) -> list[dict]:

@@ -4,18 +4,22 @@ trace, with its duration and the gap before it, grouped per kernel name.
   python benchmarks/timeline.py decode --b 1 --s 16384 --hdim 128   # issue 18's shapes
   python benchmarks/timeline.py decode --b 8 --s 32768 --hdim 128
   python benchmarks/timeline.py forward --b 32 --s 1024 --hdim 128 --causal
+  python benchmarks/timeline.py forward --b 2 --s 8192 --heads 32 --kv-heads 4 --hdim 512 \
+      --design single_qk --no-trace     # one untraced call, for Nsight Compute
 
 `decode`: paged_attention (one query token, 32 query / 4 KV heads, page 64, bf16,
 causal) called once per layer for --layers layers inside one jitted program, each layer
 on its own cache copy (so K/V is never L2-resident), as bench_decode.py times it; the
 report covers the middle layer's kernels (the call's own launches and every XLA op it
 adds: metadata clamps, the split kernel, the combine, copies) and the whole program's
-per-layer span.  `forward`: jax_fa4.attention forward once.  Writes --out JSON.
+per-layer span.  `forward`: jax_fa4.attention forward once (--design: the head-dim-512
+design, kernels/config.use_hdim512_design).  Writes --out JSON.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_fa4
+from jax_fa4.kernels.config import use_hdim512_design
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import device_time  # noqa: E402
@@ -89,13 +94,32 @@ def main():
     p.add_argument("--tq", type=int, default=1)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None, help="forward: default --heads")
+    p.add_argument("--design", default=None, help="forward, head dim 512: split_k, ...")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--out", default="benchmarks/results/timeline.json")
     p.add_argument("--no-trace", action="store_true",
-                   help="run the decode program once, untraced (for ncu)")
+                   help="run the program once, untraced (for ncu)")
     a = p.parse_args()
+    design = (use_hdim512_design(a.design) if a.design else contextlib.nullcontext())
+    with design:
+        run(a)
+
+
+def forward_program(a):
+    shape = (a.b, a.s, a.heads, a.hdim)
+    kv_shape = (a.b, a.s, a.kv_heads or a.heads, a.hdim)
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), sh, jnp.bfloat16)
+               for i, sh in enumerate((shape, kv_shape, kv_shape)))
+    return jax.jit(functools.partial(jax_fa4.attention, is_causal=a.causal)), (q, k, v)
+
+
+def run(a):
     if a.no_trace:
-        prog, args = decode_program(a.b, a.s, a.hdim, a.layers, tq=a.tq)
+        if a.what == "decode":
+            prog, args = decode_program(a.b, a.s, a.hdim, a.layers, tq=a.tq)
+        else:
+            prog, args = forward_program(a)
         jax.block_until_ready(prog(*args))
         return
     dev = jax.devices()[0]
@@ -108,11 +132,8 @@ def main():
         res["layer"] = breakdown(per_layer[len(per_layer) // 2])
         res["per_layer_span_us"] = round(res["program"]["span_us"] / a.layers, 2)
     else:
-        shape = (a.b, a.s, a.heads, a.hdim)
-        q, k, v = (jax.random.normal(jax.random.PRNGKey(i), shape, jnp.bfloat16)
-                   for i in range(3))
-        f = jax.jit(functools.partial(jax_fa4.attention, is_causal=a.causal))
-        res["program"] = breakdown(kernel_events(f, q, k, v))
+        f, args = forward_program(a)
+        res["program"] = breakdown(kernel_events(f, *args))
     print(json.dumps({k: v for k, v in res.items() if k != "program"}, indent=1)[:4000])
     print("program: span", res["program"]["span_us"], "µs, busy", res["program"]["busy_us"],
           "µs; per kernel name:")

@@ -7,7 +7,6 @@ window, softcap, sinks, float16 and unequal lengths.  Varlen and paged
 (page size 64: TMA pages; 16: cp.async pages) entries use tests/gpu_cases_paged.py's
 shapes; their test draws the lengths.
 """
-import contextlib
 import itertools
 import os
 import sys
@@ -55,25 +54,12 @@ def _cases():
 CALLS = _cases()
 
 
-@contextlib.contextmanager
 def design_tiles(design):
-    """Within: dispatch picks `design` for head dim 512 (the tile heuristic, patched
-    where dispatch and ForwardVariant look it up).  Used by the GPU test's `design`
-    fixture and by precompile_designs, so both plan the same variants."""
-    from unittest import mock
-
-    from jax_fa4 import dispatch
+    """Within: dispatch picks `design` for head dim 512.  Used by the GPU test's
+    `design` fixture and by precompile_designs, so both plan the same variants."""
     from jax_fa4.kernels import config
 
-    heuristic = config.sm90_forward_tile
-
-    def tile(*args, **kwargs):
-        t = heuristic(*args, **kwargs)
-        return t if t.design == "fa4" else config.hdim512_tile(design)
-
-    with mock.patch.object(config, "sm90_forward_tile", tile), \
-            mock.patch.object(dispatch, "sm90_forward_tile", tile):
-        yield
+    return config.use_hdim512_design(design)
 
 
 def precompile_designs(cache_dir=None):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, parity, timeline, ncu, diag, memcheck, guard, bench, paged, decode, sweep,
+# (comma-separated: tests, parity, timeline, ncu, ncu_fwd, diag, memcheck, guard, bench, paged, decode, sweep,
 # loop, gemma, backward, compare, hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
 # unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
@@ -103,6 +103,23 @@ if [[ $what == *,ncu,* ]]; then
     python3 benchmarks/timeline.py decode ${NCU_DECODE:---b 1 --s 32768} --layers 1 --no-trace \
     >"$OUT/ncu.txt" 2>&1
   grep -E "==PROF==|==ERROR==|Duration|DRAM Throughput|Memory Throughput|sm__cycles_active|Registers|Achieved Occupancy|Block Limit|Grid Size|Shared Memory Config" "$OUT/ncu.txt" | head -60
+fi
+if [[ $what == *,ncu_fwd,* ]]; then
+  # Nsight Compute (--set full) on one forward kernel per NCU_FORWARD spec (';'-separated
+  # timeline.py forward arguments): the head-dim-512 designs against FA4's own hdim-128
+  # and -256 kernels, for the shared-memory traffic model in docs/PERF.md.  The metric
+  # list of this ncu (shared memory, tensor pipes) goes to ncu_metrics.txt.
+  ncu --query-metrics 2>/dev/null | grep -iE "shared|gmma|tensor|data_bank" >"$OUT/ncu_metrics.txt"
+  IFS=';' read -ra specs <<<"${NCU_FORWARD:---b 2 --s 8192 --heads 32 --kv-heads 4 --hdim 512 --design split_k;--b 2 --s 8192 --heads 32 --kv-heads 4 --hdim 512 --design single_qk;--b 2 --s 8192 --heads 32 --kv-heads 4 --hdim 512 --design split_pv;--b 4 --s 8192 --heads 16 --hdim 128;--b 4 --s 4096 --heads 8 --hdim 256}"
+  for spec in "${specs[@]}"; do
+    name=$(echo $spec | tr -d ' -')
+    timeout ${NCU_TIMEOUT:-300} ncu --target-processes all -k "regex:flash_fwd" --launch-count 1 \
+      --set full python3 benchmarks/timeline.py forward $spec --no-trace \
+      >"$OUT/ncu_fwd_$name.txt" 2>&1
+    echo "== $spec"
+    grep -E "==ERROR==|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Registers Per" \
+      "$OUT/ncu_fwd_$name.txt" | head -30
+  done
 fi
 if [[ $what == *,compare,* ]]; then
   # a not-yet-validated split plan's decode output against the default plan's and a

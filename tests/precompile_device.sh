@@ -41,7 +41,8 @@ for plan in ${PLANS:-$(python -c "from jax_fa4.kernels.split import SPLIT_PLANS;
   JAX_FA4_SPLIT_PLAN=$plan build_calls
 done
 # head dim 512: the non-default designs the GPU test and the benchmark launch directly
-python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g; \
+# (single-QK too: its GPU matrix runs with JAX_FA4_TEST_HDIM512_DESIGNS=single_qk)
+JAX_FA4_TEST_HDIM512_DESIGNS=${JAX_FA4_TEST_HDIM512_DESIGNS:-split_k,split_pv,single_qk} python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g; \
 g.precompile_designs('$dir')"
 BENCH_HDIM512_DESIGNS=${BENCH_HDIM512_DESIGNS:-split_k,split_pv,single_qk} \
   JAX_FA4_CACHE_DIR="$dir" python benchmarks/bench_hdim512.py --precompile

@@ -42,6 +42,33 @@ def test_plan_takes_split_k():
     assert not hdim512_tile("split_pv").mma_pv_is_rs  # P through shared memory
 
 
+def test_design_switch_plans_that_design_and_restores():
+    from jax_fa4.kernels import config
+
+    with config.use_hdim512_design("single_qk"):
+        assert plan_dense(dense(window=(None, 0))).variant.tile == hdim512_tile("single_qk")
+        # only head dim 512 is switched
+        assert plan_dense(dense(128, 128)).variant.tile.design == "fa4"
+    assert plan_dense(dense(window=(None, 0))).variant.tile == SPLIT_K
+    with pytest.raises(ValueError, match="design"):
+        with config.use_hdim512_design("fa4"):
+            pass
+
+
+def test_smem_model_ranks_the_designs():
+    """benchmarks/smem_model.py (docs/PERF.md's ceiling table): split-K moves 6 bytes
+    per 64 MACs, FA4's hdim-128/256 tiles stay under the SM's 128 B/clock."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import smem_model as m
+
+    b = {(x.name, x.d): m.bound(x) for x in m.DESIGNS}
+    assert b["split_k", 512]["bytes_per_mac"] == pytest.approx(6 / 64, abs=1e-5)
+    assert b["split_k", 512]["share"] == pytest.approx(2 / 3, abs=1e-3)
+    assert b["fa4", 128]["share"] == b["fa4", 256]["share"] == 1.0
+    assert (b["split_pv", 512]["share"] < b["split_k", 512]["share"]
+            < b["single_qk", 512]["share"] < 1.0)
+
+
 @pytest.mark.parametrize("d,dv", [(512, 256), (256, 512), (64, 512), (384, 384), (520, 520)])
 def test_plan_rejects_other_wide_head_dims(d, dv):
     with pytest.raises(Unsupported, match="head_dim"):

@@ -8,8 +8,10 @@ dispatch layer can name a variant on hosts without the compiler.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 
 # Re-exported: callers and tests read the pins and the digest from here.
 from .variant import (CUTLASS_DSL_VERSION, DTYPES, FA4_VERSION, MASKS,  # noqa: F401
@@ -75,13 +77,37 @@ def hdim512_tile(design: str) -> TileConfig:
     return TileConfig(64, 64, design == "split_k", True, num_stages=1, design=design)
 
 
+# The head-dim-512 design new calls get: split_k, the fastest design that passed the
+# whole GPU matrix (docs/PERF.md).  JAX_FA4_HDIM512_DESIGN picks another process-wide
+# (the GPU matrix and Nsight Compute runs of a candidate design); use_hdim512_design
+# switches inside a block.
+DEFAULT_HDIM512_DESIGN = "split_k"
+HDIM512_DESIGN = os.environ.get("JAX_FA4_HDIM512_DESIGN", DEFAULT_HDIM512_DESIGN)
+if HDIM512_DESIGN not in HDIM512_DESIGNS:
+    raise ValueError(f"JAX_FA4_HDIM512_DESIGN={HDIM512_DESIGN!r}: expected one of "
+                     f"{HDIM512_DESIGNS}")
+
+
+@contextlib.contextmanager
+def use_hdim512_design(design: str):
+    """Plans head-dim-512 calls with `design` inside the block (like split.use_plan;
+    a plan keeps the tile it chose)."""
+    global HDIM512_DESIGN
+    hdim512_tile(design)  # validates
+    saved, HDIM512_DESIGN = HDIM512_DESIGN, design
+    try:
+        yield
+    finally:
+        HDIM512_DESIGN = saved
+
+
 def sm90_forward_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> TileConfig:
     """FA4 4.0.0b36's SM90 forward tile heuristic (`_tile_size_fwd_sm90`), benchmarked
     by FA4's authors on H100 SXM; mirrored here so that choosing a tile needs no GPU
-    and no import of flash_attn.  Value head dims above 256 (FA4 stops at 256) take the
-    split-K-exchange kernel (hdim512_tile)."""
+    and no import of flash_attn.  Value head dims above 256 (FA4 stops at 256) take a
+    head-dim-512 design (HDIM512_DESIGN: split-K exchange unless switched)."""
     if head_dim_v > 256:
-        return hdim512_tile("split_k")
+        return hdim512_tile(HDIM512_DESIGN)
     if head_dim <= 64:
         return TileConfig(192, 128, True, True)
     if head_dim <= 96:
