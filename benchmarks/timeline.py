@@ -6,6 +6,7 @@ trace, with its duration and the gap before it, grouped per kernel name.
   python benchmarks/timeline.py forward --b 32 --s 1024 --hdim 128 --causal
   python benchmarks/timeline.py forward --b 2 --s 8192 --heads 32 --kv-heads 4 --hdim 512 \
       --design single_qk --no-trace     # one untraced call, for Nsight Compute
+  python benchmarks/timeline.py backward --b 4 --s 4096 --heads 8 --hdim 256 --causal
 
 `decode`: paged_attention (one query token, 32 query / 4 KV heads, page 64, bf16,
 causal) called once per layer for --layers layers inside one jitted program, each layer
@@ -13,7 +14,10 @@ on its own cache copy (so K/V is never L2-resident), as bench_decode.py times it
 report covers the middle layer's kernels (the call's own launches and every XLA op it
 adds: metadata clamps, the split kernel, the combine, copies) and the whole program's
 per-layer span.  `forward`: jax_fa4.attention forward once (--design: the head-dim-512
-design, kernels/config.use_hdim512_design).  Writes --out JSON.
+design, kernels/config.use_hdim512_design).  `backward`: the gradient of the forward
+(dq, dk, dv for a given dO, as bench_backward.py times it): the forward again, the
+backward's preprocess, main and postprocess kernels, zeroing and any XLA op around them
+(--deterministic: FA4's deterministic backward).  Writes --out JSON.
 """
 from __future__ import annotations
 
@@ -87,7 +91,7 @@ def layer_slices(events, layers):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("decode", "forward"))
+    p.add_argument("what", choices=("decode", "forward", "backward"))
     p.add_argument("--b", type=int, default=1)
     p.add_argument("--s", type=int, default=16384)
     p.add_argument("--hdim", type=int, default=128)
@@ -97,6 +101,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=None, help="forward: default --heads")
     p.add_argument("--design", default=None, help="forward, head dim 512: split_k, ...")
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--deterministic", action="store_true", help="backward")
     p.add_argument("--out", default="benchmarks/results/timeline.json")
     p.add_argument("--no-trace", action="store_true",
                    help="run the program once, untraced (for ncu)")
@@ -107,11 +112,17 @@ def main():
 
 
 def forward_program(a):
+    """(jitted program, args): one forward call, or (`backward`) dq, dk, dv of one
+    call for a given dO."""
     shape = (a.b, a.s, a.heads, a.hdim)
     kv_shape = (a.b, a.s, a.kv_heads or a.heads, a.hdim)
-    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), sh, jnp.bfloat16)
-               for i, sh in enumerate((shape, kv_shape, kv_shape)))
-    return jax.jit(functools.partial(jax_fa4.attention, is_causal=a.causal)), (q, k, v)
+    q, k, v, do = (jax.random.normal(jax.random.PRNGKey(i), sh, jnp.bfloat16)
+                   for i, sh in enumerate((shape, kv_shape, kv_shape, shape)))
+    attn = functools.partial(jax_fa4.attention, is_causal=a.causal,
+                             deterministic=a.deterministic)
+    if a.what == "forward":
+        return jax.jit(attn), (q, k, v)
+    return jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)), (q, k, v, do)
 
 
 def run(a):
