@@ -1,7 +1,8 @@
 """The persistent dense forward (kernels/forward_persistent.py, TileConfig.persistent)
 on CPU: off by default with every earlier key unchanged; when switched on, only dense
 queries without seqused_q, FA4's design and unsplit calls take it; it compiles for
-sm_90a and its call lowers like the plain forward under its own symbol."""
+sm_90a, its call lowers like the plain forward under its own symbol, and its PTX releases
+Q only after the epilogue's TMA store has read O."""
 import dataclasses
 import os
 import sys
@@ -86,3 +87,47 @@ def test_compiles_and_lowers_under_its_own_symbol():
     assert (call.operand_types, call.result_types, call.size_dims, call.i32) == (
         plain.operand_types, plain.result_types, plain.size_dims, plain.i32)
     assert len(call.object) > 10_000
+
+
+_PTX_CODE = """
+    import dataclasses, sys
+    from jax_fa4.kernels import ForwardVariant, compile as kc
+    v = ForwardVariant("bfloat16", 128, 128, 1, mask="causal")
+    if sys.argv[1] == "persistent":
+        v = dataclasses.replace(v, tile=dataclasses.replace(v.tile, persistent=True))
+    with kc.target_sm90():
+        kc._compiler_for(v)(v)
+"""
+
+
+def _kernel_ptx(tmp_path, kind):
+    """The PTX of the hdim-128 causal forward, plain or persistent (CuTe DSL's dump)."""
+    import subprocess
+    import textwrap
+
+    out = tmp_path / kind
+    out.mkdir()
+    env = dict(os.environ, CUTE_DSL_KEEP_PTX="1", CUTE_DSL_DUMP_DIR=str(out))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_PTX_CODE), kind], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ptx = list(out.glob("*.ptx"))
+    assert len(ptx) == 1, ptx
+    return ptx[0].read_text()
+
+
+@compiles
+def test_q_is_released_after_the_epilogue_reads_o(tmp_path):
+    """The persistent kernel's one correctness change, checked in the PTX: the last
+    mbarrier arrive (Q's empty barrier) follows the epilogue's wait for its TMA store to
+    finish reading shared memory, where FA4's own kernel releases Q before it; and the
+    tile loop strides by the grid size."""
+    def last(ptx, text):
+        return ptx.rindex(text)
+
+    plain = _kernel_ptx(tmp_path, "plain")
+    pers = _kernel_ptx(tmp_path, "persistent")
+    wait, arrive = "cp.async.bulk.wait_group.read", "mbarrier.arrive.shared.b64"
+    assert last(plain, arrive) < last(plain, wait)
+    assert last(pers, arrive) > last(pers, wait)
+    assert "%nctaid.x" in pers and "%nctaid.x" not in plain
