@@ -15,9 +15,11 @@ Backward TFLOP/s = 2.5 * 4*b*h*s^2*d / time (halved for causal); forward 4*b*h*s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from unittest import mock
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_forward
@@ -26,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jax_fa4  # noqa: E402
+from jax_fa4.kernels import backward_config  # noqa: E402
 from bench_forward import bar_chart, flops, time_jax  # noqa: E402  (same timing as the forward)
 
 CONFIGS = [dict(b=4, s=8192, h=16, hk=16, d=128), dict(b=4, s=8192, h=32, hk=32, d=64),
@@ -57,6 +60,89 @@ CALLS = [dict(query=((c["b"], c["s"], c["h"], c["d"]), "bfloat16"),
               value=((c["b"], c["s"], c["hk"], c["d"]), "bfloat16"), is_causal=c["causal"])
          for c in rows("default") + ISSUE20]
 CALLS += [dict(c, deterministic=True) for c in CALLS]
+
+
+# Backward tiles tried by --tile-sweep at head dim 256, where FA4's 64 x 48 tile (its
+# 64 KiB float32 dQ staging buffer leaves no room for more; docs/PERF.md) trails
+# cuDNN: 64 keys with one Q stage, 32 keys with two, and 64 keys with dQ = dS K
+# computed transposed.  Each fits 227 KiB of shared memory and compiles without
+# spills (ptxas -v); None: FA4's own tile.  Fields as BackwardTile's.
+SWEEP_TILES = {
+    "64x48 (FA4)": None,
+    "64x64 Q1": (64, 64, 1, 1, 1, False, True, False, 1, 1, 1),
+    "64x32 Q2": (64, 32, 2, 1, 1, False, True, False, 1, 1, 1),
+    "64x64 Q1 dQ swapAB": (64, 64, 1, 1, 1, False, True, True, 1, 1, 1),
+}
+
+
+@contextlib.contextmanager
+def backward_tile(fields):
+    """Within: new backward variants take BackwardTile(*fields) (None: FA4's tile)."""
+    if fields is None:
+        yield
+        return
+    tile = backward_config.BackwardTile(*fields)
+    with mock.patch.object(backward_config, "sm90_backward_tile", lambda *a, **k: tile):
+        yield
+
+
+def sweep_rows():
+    return [c for c in ISSUE20 if c["d"] == 256]
+
+
+def sweep_variants():
+    """The backward variants --tile-sweep times (for precompiling: --sweep-specs)."""
+    from jax_fa4.dispatch import DenseCall, plan_dense
+
+    out = []
+    for c in sweep_rows():
+        fv = plan_dense(DenseCall(dtype="bfloat16", batch=c["b"], seq_q=c["s"], seq_k=c["s"],
+                                  heads_q=c["h"], heads_k=c["hk"], head_dim=c["d"],
+                                  head_dim_v=c["d"], window=(None, 0) if c["causal"]
+                                  else (None, None))).variant
+        for fields in SWEEP_TILES.values():
+            with backward_tile(fields):
+                out.append(backward_config.BackwardVariant.for_forward(fv))
+    return out
+
+
+def _grads(cfg):
+    """dq, dk, dv of jax_fa4 on bench_one's inputs (float32), planned now."""
+    b, s, h, hk, d = (cfg[k] for k in ("b", "s", "h", "hk", "d"))
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, do = (jax.random.normal(ks[i], (b, s, h, d), jnp.bfloat16) for i in (0, 3))
+    k, v = (jax.random.normal(ks[i], (b, s, hk, d), jnp.bfloat16) for i in (1, 2))
+    attn = _attn("jax_fa4", cfg["causal"])
+    g = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))(q, k, v, do)
+    return [x.astype(jnp.float32) for x in g]
+
+
+def tile_sweep(reps):
+    """Backward TFLOP/s of each SWEEP_TILES tile on the head-dim-256 rows (jax_fa4's
+    own path, the tile patched where the backward variant is planned), and each
+    tile's gradients against FA4's tile's (worst relative error of dq, dk, dv): a
+    timing never stands without a check of what it computed."""
+    out = []
+    for cfg in sweep_rows():
+        first = None
+        for label, fields in SWEEP_TILES.items():
+            with backward_tile(fields):
+                r = bench_one(cfg, reps, ("jax_fa4",))
+                try:
+                    g = _grads(cfg)
+                    first = first or g
+                    r["rel_err_vs_fa4_tile"] = max(
+                        float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(g, first))
+                except Exception as e:  # noqa: BLE001 (a tile that fails to launch)
+                    r.setdefault("errors", {})["grads"] = f"{type(e).__name__}: {str(e)[:200]}"
+            r["tile"] = label
+            out.append(r)
+            bw = r["bwd_tflops"].get("jax_fa4")
+            print(f"sweep {_label(cfg)} {label}: "
+                  + (f"{bw:6.1f} TF/s bwd, rel. error vs FA4's tile "
+                     f"{r.get('rel_err_vs_fa4_tile')}" if bw else f"fail {r.get('errors')}"),
+                  flush=True)
+    return out
 
 
 def _attn(name, causal):
@@ -123,9 +209,24 @@ def main(argv=None):
     p.add_argument("--backends", default="jax_fa4,jax_fa4_det,cudnn,xla")
     p.add_argument("--xla-cap-gb", type=float, default=30.0)
     p.add_argument("--png", help="bars of backward TFLOP/s per shape")
+    p.add_argument("--tile-sweep", action="store_true",
+                   help="only time SWEEP_TILES on the head-dim-256 rows")
+    p.add_argument("--sweep-specs", action="store_true",
+                   help="print the tile sweep's variant specs (python -m jax_fa4.precompile "
+                        "--variant)")
     args = p.parse_args(argv)
+    if args.sweep_specs:
+        from jax_fa4.kernels.compile import variant_spec
+        for spec in dict.fromkeys(variant_spec(v) for v in sweep_variants()):
+            print(spec)
+        return 0
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}", flush=True)
+    if args.tile_sweep:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=dev.device_kind, jax=jax.__version__,
+                           sweep=tile_sweep(args.reps)), f, indent=1)
+        return 0
     backends = args.backends.split(",")
     cfgs = rows("quick" if args.quick else args.set)
     results = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
 # (comma-separated: tests, parity, timeline, ncu, ncu_fwd, diag, memcheck, guard, bench, paged, decode, sweep,
-# loop, gemma, backward, compare, hdim512, single_qk; default
+# loop, gemma, backward, bwd_sweep, compare, hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
 # unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
 set -u
@@ -132,6 +132,13 @@ if [[ $what == *,backward,* ]]; then
   # forward + backward vs cuDNN, and the deterministic backward (BACKWARD_ARGS, e.g. --quick)
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_backward.py --out "$OUT/backward.json" --png "$OUT/backward.png" \
     ${BACKWARD_ARGS:-} 2>&1 | tee "$OUT/backward.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,bwd_sweep,* ]]; then
+  # head-dim-256 backward tiles (bench_backward.SWEEP_TILES) on issue 20's d256 rows
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_backward.py --tile-sweep \
+    --reps ${BWD_SWEEP_REPS:-10} --out "$OUT/backward_sweep.json" 2>&1 \
+    | tee "$OUT/backward_sweep.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,hdim512,* ]]; then

@@ -31,6 +31,9 @@ build_calls() {  # every calls file of the GPU tests and the benchmarks
   # bench_forward --tile-sweep's alternative tiles (one --variant per spec)
   python benchmarks/bench_forward.py --sweep-specs | sed 's/^/--variant\n/' \
     | tr '\n' '\0' | xargs -0 python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs"
+  # bench_backward --tile-sweep's head-dim-256 backward tiles
+  python benchmarks/bench_backward.py --sweep-specs | sed 's/^/--variant\n/' \
+    | tr '\n' '\0' | xargs -0 python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs"
 }
 # once per split plan (kernels/split.SPLIT_PLANS: the default, and issue 18's, which the
 # GPU suite validates with JAX_FA4_SPLIT_PLAN=issue18); later passes find every kernel
