@@ -111,8 +111,8 @@ def use_hdim512_design(design: str):
         HDIM512_DESIGN = saved
 
 
-# Whether dense forward calls run the persistent kernel (TileConfig.persistent).  Off
-# until the GPU suite and the short-sequence benchmark have run it (docs/PERF.md);
+# Whether dense forward calls run the persistent kernel (TileConfig.persistent).  Off:
+# measured slower with causal masks and no faster without (H100, docs/PERF.md);
 # JAX_FA4_FORWARD_PERSISTENT=on turns it on process-wide, use_forward_persistent
 # inside a block.
 FORWARD_PERSISTENT = os.environ.get("JAX_FA4_FORWARD_PERSISTENT", "off")

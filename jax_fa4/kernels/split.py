@@ -86,11 +86,13 @@ SPLIT_PLANS = {
     "issue18f": SplitPlan("fused", (64, 96, 128, 192, 256), (64, 128)),
     # issue18 with the split kernel launched as a programmatic dependent of the kernel
     # before it and both kernels at the maximum shared-memory carveout (the combine
-    # used a smaller one: SMs reconfigure between the kernels).
+    # used a smaller one: SMs reconfigure between the kernels).  H100, 2026-12-07: the
+    # same time as issue18 at every benchmarked row (docs/PERF.md).
     "issue18p": SplitPlan("wide", (64, 96, 128, 192, 256), (64, 128), pdl=True),
     # issue18p whose split blocks prefetch their first 4 K/V tiles to L2 before the
     # wait, and whose combine lets the next PDL launch start as it begins waiting
-    # (kernels/forward_split_prefetch.py)
+    # (kernels/forward_split_prefetch.py).  H100, 2026-12-07: right, but 0.3-1.6 µs
+    # slower per call.
     "issue18q": SplitPlan("wide", (64, 96, 128, 192, 256), (64, 128), pdl=True, prefetch=4),
 }
 # The plan new calls get: the newest whose kernels passed the GPU suite.  "issue18"
