@@ -188,10 +188,6 @@ def sweep_variants():
                 base = ForwardVariant("bfloat16", d, d, 1, "causal" if causal else "none")
                 for tm, tn, rs in tiles:
                     out.append((cfg, dataclasses.replace(base, tile=TileConfig(tm, tn, rs, True))))
-                # FA4's tile (the first) as a persistent kernel (kernels/forward_persistent.py)
-                tm, tn, rs = tiles[0]
-                out.append((cfg, dataclasses.replace(
-                    base, tile=TileConfig(tm, tn, rs, True, persistent=True))))
     return out
 
 
