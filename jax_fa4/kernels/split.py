@@ -49,7 +49,8 @@ SMALL_GRID_WAVE = 0.6
 # ... except head dims up to 128, whose blocks stream faster: bench_decode --sweep at
 # batch 1 (4 KV heads, hdim 128, H100; docs/PERF.md) peaks at 16 splits -- 64 blocks --
 # at 8k, 16k, 32k and 128k alike (+1.8 to +3.2 % over 20), on 2026-11-25 and again on
-# 2026-12-07; head dims 256 and 512 peak at 20.
+# 2026-12-07; head dims 256 and 512 peak at 20.  The planned 16 then measured 1.81 and
+# 2.23 TB/s at b1 x 16k / 32k (1.77 / 2.20 at 20 splits; H100, docs/PERF.md).
 SMALL_GRID_WAVE_HDIM128 = 64 / 132
 # Head dims the split epilogue serves: FA4's kernel up to 256, and the head-dim-512
 # split-K kernel (its epilogue places both warpgroups' O halves; kernels/forward_split.py).
