@@ -108,10 +108,7 @@ def sweep_variants():
 
 def _grads(cfg):
     """dq, dk, dv of jax_fa4 on bench_one's inputs (float32), planned now."""
-    b, s, h, hk, d = (cfg[k] for k in ("b", "s", "h", "hk", "d"))
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q, do = (jax.random.normal(ks[i], (b, s, h, d), jnp.bfloat16) for i in (0, 3))
-    k, v = (jax.random.normal(ks[i], (b, s, hk, d), jnp.bfloat16) for i in (1, 2))
+    q, k, v, do = _inputs(cfg)
     attn = _attn("jax_fa4", cfg["causal"])
     g = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))(q, k, v, do)
     return [x.astype(jnp.float32) for x in g]
@@ -154,13 +151,18 @@ def _attn(name, causal):
                                                         implementation=name)
 
 
+def _inputs(cfg):
+    """q, k, v and dO of a row (bf16, fixed seed)."""
+    b, s, h, hk, d = (cfg[k] for k in ("b", "s", "h", "hk", "d"))
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, do = (jax.random.normal(ks[i], (b, s, h, d), jnp.bfloat16) for i in (0, 3))
+    k, v = (jax.random.normal(ks[i], (b, s, hk, d), jnp.bfloat16) for i in (1, 2))
+    return q, k, v, do
+
+
 def bench_one(cfg, reps, backends, xla_cap_bytes=30e9):
     b, s, h, hk, d, causal = (cfg[k] for k in ("b", "s", "h", "hk", "d", "causal"))
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q = jax.random.normal(ks[0], (b, s, h, d), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (b, s, hk, d), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (b, s, hk, d), jnp.bfloat16)
-    do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
+    q, k, v, do = _inputs(cfg)
     fl = flops(b, h, s, s, d, causal)
     res = dict(cfg, dtype="bfloat16", fwd_tflops={}, bwd_tflops={}, bwd_ms={})
     for name in backends:

@@ -49,8 +49,6 @@ def block_bytes(x: Design) -> dict[str, int]:
     p = x.m * x.n * e
     if x.name == "fa4":  # each warpgroup: its 64 Q rows and all of K (SS), all of V (RS)
         return dict(tma=tma, qk=q + x.mma_wgs * k, pv=x.mma_wgs * v)
-    if x.name == "fa4_pv_smem":  # FA4 with P through shared memory (hdim 96's tile)
-        return dict(tma=tma, qk=q + x.mma_wgs * k, p=2 * p, pv=x.mma_wgs * v)
     if x.name == "split_k":  # each warpgroup: half of Q and K, half of V; fp32 exchange
         return dict(tma=tma, qk=q + k, exchange=2 * 2 * x.m * x.n * 4, pv=v)
     if x.name == "split_pv":  # both compute the whole S; each its own P; half of V each

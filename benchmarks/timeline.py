@@ -111,7 +111,7 @@ def main():
         run(a)
 
 
-def forward_program(a):
+def attention_program(a):
     """(jitted program, args): one forward call, or (`backward`) dq, dk, dv of one
     call for a given dO."""
     shape = (a.b, a.s, a.heads, a.hdim)
@@ -130,7 +130,7 @@ def run(a):
         if a.what == "decode":
             prog, args = decode_program(a.b, a.s, a.hdim, a.layers, tq=a.tq)
         else:
-            prog, args = forward_program(a)
+            prog, args = attention_program(a)
         jax.block_until_ready(prog(*args))
         return
     dev = jax.devices()[0]
@@ -143,7 +143,7 @@ def run(a):
         res["layer"] = breakdown(per_layer[len(per_layer) // 2])
         res["per_layer_span_us"] = round(res["program"]["span_us"] / a.layers, 2)
     else:
-        f, args = forward_program(a)
+        f, args = attention_program(a)
         res["program"] = breakdown(kernel_events(f, *args))
     print(json.dumps({k: v for k, v in res.items() if k != "program"}, indent=1)[:4000])
     print("program: span", res["program"]["span_us"], "µs, busy", res["program"]["busy_us"],

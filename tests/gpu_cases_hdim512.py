@@ -54,27 +54,19 @@ def _cases():
 CALLS = _cases()
 
 
-def design_tiles(design):
-    """Within: dispatch picks `design` for head dim 512.  Used by the GPU test's
-    `design` fixture and by precompile_designs, so both plan the same variants."""
-    from jax_fa4.kernels import config
-
-    return config.use_hdim512_design(design)
-
-
 def precompile_designs(cache_dir=None):
     """Builds the kernel objects of DESIGNS for CALLS (`python -m jax_fa4.precompile
     --calls` builds the default design's only):
     python -c "import sys; sys.path.insert(0, 'tests'); import gpu_cases_hdim512 as g;
     g.precompile_designs('DIR')"."""
     from jax_fa4 import precompile
-    from jax_fa4.kernels import get_object
+    from jax_fa4.kernels import config, get_object
 
     if cache_dir:
         os.environ["JAX_FA4_CACHE_DIR"] = cache_dir
     os.environ["JAX_FA4_COMPILE"] = "auto"
     for d in DESIGNS:
-        with design_tiles(d):
+        with config.use_hdim512_design(d):
             for v in precompile.variants_from_calls(os.path.abspath(__file__)):
                 print(v.describe(), flush=True)
                 get_object(v)

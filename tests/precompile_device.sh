@@ -5,6 +5,10 @@ set -eu
 dir=${1:-.device/kernels}
 jobs=${JOBS:-2}
 pc() { python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs" "$@"; }
+pc_specs() {  # the variants a benchmark's --sweep-specs prints, one --variant each
+  python "$1" --sweep-specs | sed 's/^/--variant\n/' | tr '\n' '\0' \
+    | xargs -0 python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs"
+}
 build_calls() {  # every calls file of the GPU tests and the benchmarks
   for calls in tests/gpu_cases.py tests/gpu_cases_paged.py tests/gpu_cases_split.py \
                tests/gpu_cases_multi.py tests/gpu_cases_hdim512.py \
@@ -28,12 +32,8 @@ build_calls() {  # every calls file of the GPU tests and the benchmarks
   pc --calls benchmarks/bench_backward.py --backward
   pc --calls benchmarks/bench_forward.py  # issue 20's rows (--set issue20)
   pc --dtype bfloat16 --head-dim 64,128,256 --group 1 --mask none,causal  # bench_forward
-  # bench_forward --tile-sweep's alternative tiles (one --variant per spec)
-  python benchmarks/bench_forward.py --sweep-specs | sed 's/^/--variant\n/' \
-    | tr '\n' '\0' | xargs -0 python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs"
-  # bench_backward --tile-sweep's head-dim-256 backward tiles
-  python benchmarks/bench_backward.py --sweep-specs | sed 's/^/--variant\n/' \
-    | tr '\n' '\0' | xargs -0 python -m jax_fa4.precompile --cache-dir "$dir" --jobs "$jobs"
+  pc_specs benchmarks/bench_forward.py  # its --tile-sweep's alternative tiles
+  pc_specs benchmarks/bench_backward.py  # its --tile-sweep's head-dim-256 backward tiles
 }
 # once per split plan (kernels/split.SPLIT_PLANS: the default, and issue 18's, which the
 # GPU suite validates with JAX_FA4_SPLIT_PLAN=issue18); later passes find every kernel

@@ -15,7 +15,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import test_gpu_forward  # noqa: E402
 import test_gpu_paged  # noqa: E402
-from gpu_cases_hdim512 import CALLS, DESIGNS, design_tiles  # noqa: E402
+from gpu_cases_hdim512 import CALLS, DESIGNS  # noqa: E402
+from jax_fa4.kernels import config  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not test_gpu_forward._has_sm90(),
@@ -30,7 +31,7 @@ def _case_id(c):
 @pytest.fixture(params=DESIGNS)
 def design(request):
     """Makes dispatch pick `request.param` for head dim 512."""
-    with design_tiles(request.param):
+    with config.use_hdim512_design(request.param):
         yield request.param
 
 
