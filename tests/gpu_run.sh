@@ -31,7 +31,10 @@ if [[ $what == *,tests,* ]]; then
   # (default: every gpu test); GPU_TEST_JOBS shards at a time.
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
   # GPU_TEST_K: a pytest -k expression (may hold spaces)
+  # the driver's own deadline ends it first, so its summary is written (NOT_RUN) and
+  # not lost to the outer timeout
   timeout ${TEST_TIMEOUT:-3000} python3 -u tests/gpu_shards.py --out "$OUT" \
+    --deadline $(( ${TEST_TIMEOUT:-3000} - 20 )) --shard-size ${GPU_SHARD_SIZE:-60} \
     ${GPU_TEST_K:+-k "$GPU_TEST_K"} ${GPU_TESTS:-tests} 2>&1 \
     | tee "$OUT/gpu-tests.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
@@ -95,8 +98,9 @@ if [[ $what == *,timeline,* ]]; then
 fi
 if [[ $what == *,ncu,* ]]; then
   # Nsight Compute on one decode call's split and combine kernels (NCU_DECODE: the
-  # timeline.py shape), for where the split kernel's fixed cost goes
-  timeout ${NCU_TIMEOUT:-300} ncu --target-processes all -k "regex:Sm90Split|Combine" \
+  # timeline.py shape), for where the split kernel's fixed cost goes (the fused plan's
+  # kernel, JAX_FA4_SPLIT_PLAN=issue18f, is Sm90FusedSplit)
+  timeout ${NCU_TIMEOUT:-300} ncu --target-processes all -k "regex:Sm90(Fused)?Split|Combine" \
     --launch-count 2 --section SpeedOfLight --section LaunchStats --section Occupancy \
     --section WarpStateStats --section MemoryWorkloadAnalysis \
     --metrics sm__cycles_active.max,sm__cycles_active.min,sm__cycles_active.avg,dram__bytes_read.sum \

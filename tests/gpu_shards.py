@@ -58,6 +58,7 @@ def pytest_runtest_logreport(report):
             sys.stdout.flush()
             os._exit(3)  # the CUDA context is gone: every later test here would fail
         _write(f"{outcome} {report.nodeid}")
+        _write(f"TIME {report.duration:.1f}s {report.nodeid}")  # where a shard's time goes
         if report.failed:
             _write("DETAIL " + text[-1500:].replace("\n", "\n DETAIL "))
 
