@@ -40,6 +40,9 @@ from flash_attn.cute.pack_gqa import pack_gqa_layout
 from quack import layout_utils
 
 ZERO_THREADS = 256
+# Splits merged per L2 round trip (the loads of a chunk are all in flight at once):
+# the batch-1 plans use 16 splits (kernels/split.py), 20 beyond 64k keys.
+MERGE_CHUNK = 16
 
 
 @dsl_user_op
@@ -117,23 +120,45 @@ class FusedSplitKVMixin(SplitKVMixin):
                 r = i // quads
                 row = row0 + r
                 c = (i - r * quads) * 4
-                # Two passes whose loads do not wait on each other's results (L2 round
-                # trips overlap; a one-pass online merge made each split a serial step,
-                # +12 us at batch 1, measured): the LSE maximum, then the weighted sum.
+                # Latency-bound: each chunk of MERGE_CHUNK splits is one L2 round trip
+                # -- every LSE and partial-O load of the chunk is issued before any is
+                # used (fully unrolled, predicated past S) -- then an online merge
+                # across chunks.  The two-pass merge before (LSE maximum, then the
+                # weighted sum, 8 splits per step) took ~8 dependent round trips per
+                # item: ~9,000 cycles in the last block at b1 x 32k (Nsight Compute,
+                # docs/PERF.md), more than the combine kernel it replaced.
                 m = -Float32.inf
-                for s in cutlass.range(S, unroll=8):
-                    m = cutlass.max(m, mLSE[row, head_idx, s * batches + b])
-                if m == -Float32.inf:  # no split saw a key: weights exp(-inf) = 0
-                    m = Float32(0.0)
                 l = Float32(0.0)
                 acc = cute.make_rmem_tensor((4,), Float32)
                 acc.fill(0.0)
-                for s in cutlass.range(S, unroll=8):
-                    vb = s * batches + b
-                    w = cute.math.exp(mLSE[row, head_idx, vb] - m, fastmath=True)
-                    l = l + w
+                lse_c = cute.make_rmem_tensor((MERGE_CHUNK,), Float32)
+                o_c = cute.make_rmem_tensor((MERGE_CHUNK, 4), Float32)
+                for s0 in cutlass.range(0, S, MERGE_CHUNK, unroll=1):
+                    for k in cutlass.range_constexpr(MERGE_CHUNK):
+                        lse_c[k] = -Float32.inf
+                        for j in cutlass.range_constexpr(4):
+                            o_c[k, j] = Float32(0.0)
+                        if s0 + k < S:
+                            vb = (s0 + k) * batches + b
+                            lse_c[k] = mLSE[row, head_idx, vb]
+                            for j in cutlass.range_constexpr(4):
+                                o_c[k, j] = mOp[row, c + j, head_idx, vb]
+                    m_new = m
+                    for k in cutlass.range_constexpr(MERGE_CHUNK):
+                        m_new = cutlass.max(m_new, lse_c[k])
+                    m_use = m_new
+                    if m_new == -Float32.inf:  # no split so far saw a key: weights 0
+                        m_use = Float32(0.0)
+                    alpha = cute.math.exp(m - m_use, fastmath=True)
+                    l = l * alpha
                     for j in cutlass.range_constexpr(4):
-                        acc[j] = acc[j] + w * mOp[row, c + j, head_idx, vb]
+                        acc[j] = acc[j] * alpha
+                    for k in cutlass.range_constexpr(MERGE_CHUNK):
+                        w = cute.math.exp(lse_c[k] - m_use, fastmath=True)
+                        l = l + w
+                        for j in cutlass.range_constexpr(4):
+                            acc[j] = acc[j] + w * o_c[k, j]
+                    m = m_new
                 inv = Float32(0.0)
                 if l > Float32(0.0):
                     inv = Float32(1.0) / l
