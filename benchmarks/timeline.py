@@ -102,6 +102,9 @@ def main():
     p.add_argument("--design", default=None, help="forward, head dim 512: split_k, ...")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--deterministic", action="store_true", help="backward")
+    p.add_argument("--impl", choices=("jax_fa4", "cudnn"), default="jax_fa4",
+                   help="forward/backward: jax_fa4.attention or jax.nn's cuDNN attention "
+                        "(for a kernel-to-kernel Nsight Compute comparison)")
     p.add_argument("--out", default="benchmarks/results/timeline.json")
     p.add_argument("--no-trace", action="store_true",
                    help="run the program once, untraced (for ncu)")
@@ -118,8 +121,12 @@ def attention_program(a):
     kv_shape = (a.b, a.s, a.kv_heads or a.heads, a.hdim)
     q, k, v, do = (jax.random.normal(jax.random.PRNGKey(i), sh, jnp.bfloat16)
                    for i, sh in enumerate((shape, kv_shape, kv_shape, shape)))
-    attn = functools.partial(jax_fa4.attention, is_causal=a.causal,
-                             deterministic=a.deterministic)
+    if a.impl == "cudnn":
+        attn = functools.partial(jax.nn.dot_product_attention, is_causal=a.causal,
+                                 implementation="cudnn")
+    else:
+        attn = functools.partial(jax_fa4.attention, is_causal=a.causal,
+                                 deterministic=a.deterministic)
     if a.what == "forward":
         return jax.jit(attn), (q, k, v)
     return jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)), (q, k, v, do)
