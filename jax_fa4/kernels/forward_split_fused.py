@@ -43,6 +43,10 @@ ZERO_THREADS = 256
 # Splits merged per L2 round trip (the loads of a chunk are all in flight at once):
 # the batch-1 plans use 16 splits (kernels/split.py), 20 beyond 64k keys.
 MERGE_CHUNK = 16
+# Output columns per merging thread: 8 makes one item per thread at batch 1, head dim
+# 128 (8 rows x 16 column groups = the MMA warpgroup's 128 threads), so the whole merge
+# is one round trip (the SASS issues all 144 loads before the first exp; no spills).
+MERGE_COLS = 8
 
 
 @dsl_user_op
@@ -115,11 +119,11 @@ class FusedSplitKVMixin(SplitKVMixin):
         if last != 0:
             row0 = m_block * self.tile_m
             rows_here = cutlass.min(rows - row0, self.tile_m)
-            quads = hv // 4  # head dims are multiples of 8
+            quads = hv // MERGE_COLS  # head dims are multiples of 8
             for i in cutlass.range(tidx, rows_here * quads, nthr, unroll=1):
                 r = i // quads
                 row = row0 + r
-                c = (i - r * quads) * 4
+                c = (i - r * quads) * MERGE_COLS
                 # Latency-bound: each chunk of MERGE_CHUNK splits is one L2 round trip
                 # -- every LSE and partial-O load of the chunk is issued before any is
                 # used (fully unrolled, predicated past S) -- then an online merge
@@ -129,19 +133,19 @@ class FusedSplitKVMixin(SplitKVMixin):
                 # docs/PERF.md), more than the combine kernel it replaced.
                 m = -Float32.inf
                 l = Float32(0.0)
-                acc = cute.make_rmem_tensor((4,), Float32)
+                acc = cute.make_rmem_tensor((MERGE_COLS,), Float32)
                 acc.fill(0.0)
                 lse_c = cute.make_rmem_tensor((MERGE_CHUNK,), Float32)
-                o_c = cute.make_rmem_tensor((MERGE_CHUNK, 4), Float32)
+                o_c = cute.make_rmem_tensor((MERGE_CHUNK, MERGE_COLS), Float32)
                 for s0 in cutlass.range(0, S, MERGE_CHUNK, unroll=1):
                     for k in cutlass.range_constexpr(MERGE_CHUNK):
                         lse_c[k] = -Float32.inf
-                        for j in cutlass.range_constexpr(4):
+                        for j in cutlass.range_constexpr(MERGE_COLS):
                             o_c[k, j] = Float32(0.0)
                         if s0 + k < S:
                             vb = (s0 + k) * batches + b
                             lse_c[k] = mLSE[row, head_idx, vb]
-                            for j in cutlass.range_constexpr(4):
+                            for j in cutlass.range_constexpr(MERGE_COLS):
                                 o_c[k, j] = mOp[row, c + j, head_idx, vb]
                     m_new = m
                     for k in cutlass.range_constexpr(MERGE_CHUNK):
@@ -151,18 +155,18 @@ class FusedSplitKVMixin(SplitKVMixin):
                         m_use = Float32(0.0)
                     alpha = cute.math.exp(m - m_use, fastmath=True)
                     l = l * alpha
-                    for j in cutlass.range_constexpr(4):
+                    for j in cutlass.range_constexpr(MERGE_COLS):
                         acc[j] = acc[j] * alpha
                     for k in cutlass.range_constexpr(MERGE_CHUNK):
                         w = cute.math.exp(lse_c[k] - m_use, fastmath=True)
                         l = l + w
-                        for j in cutlass.range_constexpr(4):
+                        for j in cutlass.range_constexpr(MERGE_COLS):
                             acc[j] = acc[j] + w * o_c[k, j]
                     m = m_new
                 inv = Float32(0.0)
                 if l > Float32(0.0):
                     inv = Float32(1.0) / l
-                for j in cutlass.range_constexpr(4):
+                for j in cutlass.range_constexpr(MERGE_COLS):
                     mO[row, c + j, head_idx, b] = (acc[j] * inv).to(mO.element_type)
                 if c == 0:
                     lse_out = -Float32.inf
