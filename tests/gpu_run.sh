@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, parity, timeline, ncu, ncu_fwd, ncu_short, diag, memcheck, guard, bench, paged, decode, sweep,
-# loop, gemma, backward, bwd_sweep, compare, hdim512, single_qk; default
+# (comma-separated: tests, parity, timeline, ncu, ncu_fwd, ncu_short, diag, memcheck,
+# guard, bench, varlen, paged, decode, sweep, loop, gemma, backward, bwd_sweep, compare,
+# hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
 # unpacked first: the device takes 64 MiB per call).  Logs and JSON go to $OUT.
 set -u
@@ -69,6 +70,12 @@ fi
 if [[ $what == *,sweep,* ]]; then
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_forward.py --tile-sweep \
     --out "$OUT/tile_sweep.json" 2>&1 | tee "$OUT/tile_sweep.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [[ $what == *,varlen,* ]]; then
+  # issue 20's mixed-length packed batches: jax_fa4.varlen_attention vs cuDNN/XLA padded
+  timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_varlen.py \
+    --out "$OUT/varlen.json" 2>&1 | tee "$OUT/varlen.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,bench,* ]]; then

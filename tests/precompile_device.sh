@@ -31,6 +31,7 @@ build_calls() {  # every calls file of the GPU tests and the benchmarks
   python tests/diag_cp_async_overrun.py --precompile "$dir"
   pc --calls benchmarks/bench_backward.py --backward
   pc --calls benchmarks/bench_forward.py  # issue 20's rows (--set issue20)
+  pc --calls benchmarks/bench_varlen.py  # issue 20's mixed-length packed batches
   pc --dtype bfloat16 --head-dim 64,128,256 --group 1 --mask none,causal  # bench_forward
   pc_specs benchmarks/bench_forward.py  # its --tile-sweep's alternative tiles
   pc_specs benchmarks/bench_backward.py  # its --tile-sweep's head-dim-256 backward tiles
