@@ -32,6 +32,7 @@ import jax_fa4  # noqa: E402
 from jax_fa4.api import kernel_plan  # noqa: E402
 from jax_fa4.ffi_target import runtime_library_path  # noqa: E402
 from jax_fa4.kernels import get_object  # noqa: E402
+from jax_fa4.kernels.config import use_forward_persistent  # noqa: E402
 from jax_fa4.kernels.forward_abi import size_dims  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -120,32 +121,42 @@ def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
     fl = flops(b, h, s, s, d, causal)
     res = dict(cfg, tflops={})
     for name in backends:
+        # "<backend>_persistent": the same with the persistent dense forward
+        # (kernels/forward_persistent.py), planned and traced inside the switch
+        base = name.removesuffix("_persistent")
         try:
-            if name == "direct":
-                plan = kernel_plan(q, k, v, is_causal=causal)
-                o = jnp.zeros((b, s, h, d), dt)
-                lse = jnp.zeros((b, h, s), jnp.float32)
-                jax.block_until_ready((q, k, v, o, lse))
-                t = direct.time(plan, scale, [q, k, v, o, lse], reps)
-            else:
-                if name == "xla" and b * h * s * s * 4 * 3 > xla_cap_bytes:
-                    raise MemoryError(f"XLA would materialize a >{xla_cap_bytes / 1e9:.0f} GB "
-                                      "score matrix")
-                impl = {"jax_fa4": "fa4"}.get(name, name)
-                fn = (jax_fa4.attention if name == "jax_fa4" else jax.nn.dot_product_attention)
-                f = jax.jit(lambda q, k, v, fn=fn, impl=impl: fn(
-                    q, k, v, scale=scale, is_causal=causal, implementation=impl))
-                t = time_jax(f, (q, k, v), reps)
-                # the output (q's shape: V has d columns here) is the next query
-                td = device_time.per_call(device_time.chain(
-                    lambda i, q, k, v, f=f: f(q, k, v).astype(q.dtype), 8), 8, q, k, v)
-                if td:
-                    res.setdefault("device_tflops", {})[name] = fl / td / 1e12
-            res["tflops"][name] = fl / t / 1e12
+            with use_forward_persistent(base != name):
+                _time_backend(res, name, base, q, k, v, scale, causal, fl, direct, reps,
+                              xla_cap_bytes)
         except Exception as e:  # record why a backend could not run this shape
             res["tflops"][name] = None
             res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:200]}"
     return res
+
+
+def _time_backend(res, name, base, q, k, v, scale, causal, fl, direct, reps, xla_cap_bytes):
+    b, s, h, d = q.shape
+    if base == "direct":
+        plan = kernel_plan(q, k, v, is_causal=causal)
+        o = jnp.zeros((b, s, h, d), q.dtype)
+        lse = jnp.zeros((b, h, s), jnp.float32)
+        jax.block_until_ready((q, k, v, o, lse))
+        t = direct.time(plan, scale, [q, k, v, o, lse], reps)
+    else:
+        if base == "xla" and b * h * s * s * 4 * 3 > xla_cap_bytes:
+            raise MemoryError(f"XLA would materialize a >{xla_cap_bytes / 1e9:.0f} GB "
+                              "score matrix")
+        impl = {"jax_fa4": "fa4"}.get(base, base)
+        fn = (jax_fa4.attention if base == "jax_fa4" else jax.nn.dot_product_attention)
+        f = jax.jit(lambda q, k, v, fn=fn, impl=impl: fn(
+            q, k, v, scale=scale, is_causal=causal, implementation=impl))
+        t = time_jax(f, (q, k, v), reps)
+        # the output (q's shape: V has d columns here) is the next query
+        td = device_time.per_call(device_time.chain(
+            lambda i, q, k, v, f=f: f(q, k, v).astype(q.dtype), 8), 8, q, k, v)
+        if td:
+            res.setdefault("device_tflops", {})[name] = fl / td / 1e12
+    res["tflops"][name] = fl / t / 1e12
 
 
 # Tile candidates tried by --tile-sweep (direct launches only), keyed by head dim.
@@ -197,9 +208,10 @@ def tile_sweep(direct, reps):
         except Exception as e:  # a tile that does not fit or fails to load
             tf = None
             print(f"  {variant.describe()}: {type(e).__name__}: {e}", flush=True)
-        rows.append(dict(cfg, tile=[t.tile_m, t.tile_n, t.mma_pv_is_rs], tflops=tf))
-        print(f"sweep b{b} s{s} d{d} {'causal' if causal else 'full'} tile {t.tile_m}x{t.tile_n}"
-              f"{' rs' if t.mma_pv_is_rs else ''}: {tf and round(tf, 1)}", flush=True)
+        rows.append(dict(cfg, tile=[t.tile_m, t.tile_n, t.mma_pv_is_rs], tflops=tf,
+                         persistent=t.persistent))
+        print(f"sweep b{b} s{s} d{d} {'causal' if causal else 'full'} {t.describe()}: "
+              f"{tf and round(tf, 1)}", flush=True)
     return rows
 
 
@@ -268,7 +280,8 @@ def bar_chart(results, names, value, label, ylabel, title, path):
 
 def plot_rows(results, device, path):
     """Bars of TFLOP/s per shape: jax_fa4 beside cuDNN and XLA."""
-    bar_chart(results, ("jax_fa4", "cudnn", "xla"), lambda r, n: r["tflops"].get(n),
+    bar_chart(results, ("jax_fa4", "jax_fa4_persistent", "cudnn", "xla"),
+              lambda r, n: r["tflops"].get(n),
               lambda r: r.get("label", ""), "TFLOP/s", f"forward attention, bf16, {device}",
               path)
 

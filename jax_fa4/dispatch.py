@@ -13,7 +13,8 @@ import dataclasses
 from .fallback_forward import jax_nn_can_run
 from .kernels.backward_config import MAX_HEAD_DIM as BWD_MAX_HEAD_DIM
 from .kernels.backward_config import BackwardVariant
-from .kernels.config import ForwardVariant, cp_async_tile, sm90_forward_tile
+from .kernels.config import (ForwardVariant, cp_async_tile, persistent_tile,
+                             sm90_forward_tile)
 from .kernels.split import DESIGNS as SPLIT_DESIGNS
 from .kernels.split import MAX_HEAD_DIM as SPLIT_MAX_HEAD_DIM
 from .kernels.split import choose_num_splits, decode_variant, split_options, split_variant
@@ -177,7 +178,11 @@ def plan_dense(c: DenseCall) -> KernelPlan:
     lengths, check = _dense_lengths(c)
     plan = _kernel_plan(c, (fa_left, fa_right), cap=c.seq_k + c.seq_q, **lengths)
     plan = dataclasses.replace(plan, lengths_check=check)
-    return _with_splits(plan, c.batch, c.heads_k, c.seq_q, c.seq_k, None, None)
+    plan = _with_splits(plan, c.batch, c.heads_k, c.seq_q, c.seq_k, None, None)
+    if plan.num_splits == 1:  # the persistent kernel, where configured (config.py)
+        v = plan.variant
+        plan = dataclasses.replace(plan, variant=dataclasses.replace(v, tile=persistent_tile(v)))
+    return plan
 
 
 def _dense_lengths(c: DenseCall) -> tuple[dict, bool]:

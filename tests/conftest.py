@@ -90,15 +90,20 @@ def poisoned_outputs():
 
 # JAX_FA4_PLAN_DIFF="issue17,issue18": keep only the GPU cases whose kernel differs
 # between those two split plans (kernels/split.SPLIT_PLANS), to validate a new plan in
-# one short device call.  A case is a test parameter that is a calls-file dict
-# (precompile.plan_call); a test without one is kept only in test_gpu_split.py and
-# test_gpu_paged.py, a case that cannot be planned here is kept.
+# one short device call; "issue18,issue18+persistent": between a plan and the same plan
+# with the persistent dense forward (kernels/config.use_forward_persistent).  A case is
+# a test parameter that is a calls-file dict (precompile.plan_call); a test without one
+# is kept only in test_gpu_split.py and test_gpu_paged.py, a case that cannot be
+# planned here is kept.
 def _plan_key(case: dict, plan_name: str):
     from jax_fa4.dispatch import Unsupported
-    from jax_fa4.kernels import split
+    from jax_fa4.kernels import config, split
     from jax_fa4.precompile import plan_call
 
-    with split.use_plan(plan_name):
+    name, _, extra = plan_name.partition("+")
+    if extra not in ("", "persistent"):
+        raise ValueError(f"JAX_FA4_PLAN_DIFF: {plan_name!r} (a split plan, +persistent)")
+    with split.use_plan(name), config.use_forward_persistent(extra == "persistent"):
         try:
             return plan_call(case).kernel_variant.key()
         except Unsupported:
@@ -110,12 +115,20 @@ def pytest_collection_modifyitems(config, items):
     if not names:
         return
     a, b = names.split(",")
+    # the tests without a calls-file case that run what differs: split and paged calls
+    # between split plans, dense forward calls (vmap, CUDA graphs, export, sharding)
+    # between plain and persistent
+    no_case_files = set()
+    if a.partition("+")[0] != b.partition("+")[0]:
+        no_case_files |= {"test_gpu_split.py", "test_gpu_paged.py"}
+    if a.partition("+")[2] != b.partition("+")[2]:
+        no_case_files |= {"test_gpu_forward.py", "test_gpu_multi.py"}
     keep, drop = [], []
     for item in items:
         cases = [p for p in getattr(getattr(item, "callspec", None), "params", {}).values()
                  if isinstance(p, dict)]
         if not cases:
-            differs = item.path.name in ("test_gpu_split.py", "test_gpu_paged.py")
+            differs = item.path.name in no_case_files
         else:
             try:
                 differs = any(_plan_key(c, a) != _plan_key(c, b) for c in cases)

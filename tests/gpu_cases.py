@@ -50,8 +50,9 @@ def _cases():
     # 6. value head dim different from the key's.
     cases.append(_call("bfloat16", 2, 333, 333, 2, 4, 192, 128, is_causal=True))
     cases.append(_call("bfloat16", 2, 333, 333, 2, 1, 128, 64))
-    # 7. many tiles: ~1000 (query tile, head, batch) tiles, several waves of the grid,
-    # with an odd length; every head dim and mask kind, packed GQA, sinks, softcap.
+    # 7. many tiles: ~1000 (query tile, head, batch) tiles, several per SM, so that a
+    # persistent kernel's CTAs loop over tiles (kernels/forward_persistent.py), with an
+    # odd length; every head dim and mask kind, packed GQA.
     for hd, mask in itertools.product(HEAD_DIMS, MASKS):
         cases.append(_call("bfloat16", 16, 1000, 1000, 2, 4, hd, **MASKS[mask]))
     cases.append(_call("bfloat16", 64, 333, 333, 2, 1, 128, is_causal=True, sinks=True))

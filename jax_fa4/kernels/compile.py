@@ -110,6 +110,10 @@ def _compiler_for(variant: KernelVariant):
         from .backward import compile_backward
 
         return compile_backward
+    if variant.tile.persistent:
+        from .forward_persistent import compile_forward_persistent
+
+        return compile_forward_persistent
     from .forward import compile_forward
 
     return compile_forward

@@ -40,6 +40,8 @@ SPLIT_SOURCES = ("forward_split.py",)  # on top of the base variant's FORWARD_SO
 FUSED_SPLIT_SOURCES = ("forward_split_fused.py",)
 # and, for one that prefetches before its PDL wait (SplitVariant.prefetch)
 PREFETCH_SPLIT_SOURCES = ("forward_split_prefetch.py",)
+# and, for a forward whose CTAs loop over tiles (TileConfig.persistent)
+PERSISTENT_SOURCES = ("forward_persistent.py",)
 BACKWARD_SOURCES = ("backward.py", "backward_abi.py", "forward.py")
 
 
@@ -51,20 +53,28 @@ class TileConfig:
     intra_wg_overlap: bool  # overlap softmax of one block with the GEMMs of the next
     num_stages: int = 2  # K/V pipeline depth
     design: str = "fa4"  # one of DESIGNS
+    # One CTA per SM looping over the tiles (kernels/forward_persistent.py) instead of
+    # one CTA per tile: FA4's design, dense queries only
+    persistent: bool = False
 
     def __post_init__(self):
         if self.design not in DESIGNS:
             raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}")
+        if self.persistent and self.design != "fa4":
+            raise ValueError("a persistent tile needs FA4's design")
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if self.design == "fa4":  # keeps the keys of variants that predate `design`
             del d["design"]
+        if not self.persistent:  # ... and `persistent`
+            del d["persistent"]
         return d
 
     def describe(self) -> str:
         return (f"tile {self.tile_m}x{self.tile_n}{' rs' if self.mma_pv_is_rs else ''}"
-                + (f" {self.design}" if self.design != "fa4" else ""))
+                + (f" {self.design}" if self.design != "fa4" else "")
+                + (" persistent" if self.persistent else ""))
 
 
 def hdim512_tile(design: str) -> TileConfig:
@@ -99,6 +109,53 @@ def use_hdim512_design(design: str):
         yield
     finally:
         HDIM512_DESIGN = saved
+
+
+# Whether dense forward calls run the persistent kernel (TileConfig.persistent).  Off
+# until measured: its first version was slower (H100, docs/PERF.md), the second (FA4's
+# LPT order, O in its own buffer) is not yet measured.  JAX_FA4_FORWARD_PERSISTENT=on
+# turns it on process-wide, use_forward_persistent inside a block.
+FORWARD_PERSISTENT = os.environ.get("JAX_FA4_FORWARD_PERSISTENT", "off")
+if FORWARD_PERSISTENT not in ("on", "off"):
+    raise ValueError(f"JAX_FA4_FORWARD_PERSISTENT={FORWARD_PERSISTENT!r}: expected on or off")
+
+
+@contextlib.contextmanager
+def use_forward_persistent(on: bool):
+    """Plans dense forward calls with (or without) the persistent kernel inside the
+    block (benchmarks compare both in one process; a plan keeps what it chose)."""
+    global FORWARD_PERSISTENT
+    saved, FORWARD_PERSISTENT = FORWARD_PERSISTENT, "on" if on else "off"
+    try:
+        yield
+    finally:
+        FORWARD_PERSISTENT = saved
+
+
+# Shared memory an SM90 thread block may use (227 KiB), less a margin for FA4's
+# barriers and buffer alignment (1 KiB per buffer) beyond persistent_smem_bytes' count
+SM90_SMEM_BYTES = 227 * 1024 - 8 * 1024
+
+
+def persistent_smem_bytes(tile: TileConfig, head_dim: int, head_dim_v: int) -> int:
+    """Bytes of shared memory the persistent kernel's buffers take (16-bit elements,
+    head dims padded to 32): FA4's Q, K/V stages and P (unless P stays in registers),
+    and the O buffer it adds (kernels/forward_persistent.py)."""
+    d, dv = (-(-x // 32) * 32 for x in (head_dim, head_dim_v))
+    p = 0 if tile.mma_pv_is_rs else tile.tile_m * tile.tile_n
+    return 2 * (tile.tile_m * d + tile.num_stages * tile.tile_n * (d + dv) + p
+                + tile.tile_m * dv)
+
+
+def persistent_tile(v: "ForwardVariant") -> TileConfig:
+    """v's tile, persistent where FORWARD_PERSISTENT is on, FA4 would schedule v's
+    tiles one CTA each with a fixed grid (dense queries without per-sequence query
+    lengths: FA4 schedules those by its varlen scheduler; dense K/V; FA4's design) and
+    shared memory holds the extra O buffer (head dims up to 128 with FA4's tiles)."""
+    on = (FORWARD_PERSISTENT == "on" and v.tile.design == "fa4" and v.q_layout == "dense"
+          and v.kv_layout == "dense" and not v.has_seqused_q
+          and persistent_smem_bytes(v.tile, v.head_dim, v.head_dim_v) <= SM90_SMEM_BYTES)
+    return dataclasses.replace(v.tile, persistent=on)
 
 
 def sm90_forward_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> TileConfig:
@@ -182,6 +239,9 @@ class ForwardVariant(AttentionVariant):
                 self.head_dim, self.head_dim_v, self.mask == "causal", self.mask == "local"
             )
             object.__setattr__(self, "tile", tile)
+        if self.tile.persistent and (self.q_layout != "dense" or self.has_seqused_q):
+            raise ValueError("a persistent tile needs dense queries without seqused_q "
+                             "(FA4 schedules the others with its varlen scheduler)")
         if self.kv_layout == "paged" and not self.paged_tma:
             rows = cp_async_rows_per_pass(self.head_dim, self.head_dim_v)
             if self.tile.tile_n % rows:
@@ -189,6 +249,12 @@ class ForwardVariant(AttentionVariant):
                     f"paged K/V by cp.async needs tile_n a multiple of {rows} (the loader's "
                     f"rows per pass at head dims {self.head_dim}/{self.head_dim_v}), got "
                     f"{self.tile.tile_n}; use cp_async_tile")
+
+    def key_extras(self) -> dict:
+        # a persistent kernel's code is in one more module
+        if self.tile.persistent:
+            return {"persistent_source": kernel_source_digest(*PERSISTENT_SOURCES)}
+        return {}
 
     @property
     def pack_gqa(self) -> bool:
