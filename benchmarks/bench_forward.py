@@ -119,15 +119,20 @@ def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
     k = jax.random.normal(key[1], (b, s, hk, d), dt)
     v = jax.random.normal(key[2], (b, s, hk, d), dt)
     fl = flops(b, h, s, s, d, causal)
-    res = dict(cfg, tflops={})
+    res, outs = dict(cfg, tflops={}), {}
     for name in backends:
         # "<backend>_persistent": the same with the persistent dense forward
         # (kernels/forward_persistent.py), planned and traced inside the switch
         base = name.removesuffix("_persistent")
         try:
             with use_forward_persistent(base != name):
-                _time_backend(res, name, base, q, k, v, scale, causal, fl, direct, reps,
-                              xla_cap_bytes)
+                outs[name] = _time_backend(res, name, base, q, k, v, scale, causal, fl,
+                                           direct, reps, xla_cap_bytes)
+            if base != name and outs.get(base) is not None and outs[name] is not None:
+                # a timing never stands without a check of what it computed
+                a, b = (x.astype(jnp.float32) for x in (outs[name], outs[base]))
+                res.setdefault("rel_err_vs_plain", {})[name] = float(
+                    jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
         except Exception as e:  # record why a backend could not run this shape
             res["tflops"][name] = None
             res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -156,7 +161,10 @@ def _time_backend(res, name, base, q, k, v, scale, causal, fl, direct, reps, xla
             lambda i, q, k, v, f=f: f(q, k, v).astype(q.dtype), 8), 8, q, k, v)
         if td:
             res.setdefault("device_tflops", {})[name] = fl / td / 1e12
+        res["tflops"][name] = fl / t / 1e12
+        return f(q, k, v)
     res["tflops"][name] = fl / t / 1e12
+    return o
 
 
 # Tile candidates tried by --tile-sweep (direct launches only), keyed by head dim.
@@ -320,8 +328,9 @@ def main():
         r = bench_one(cfg, direct, args.reps, backends)
         results.append(r)
         cells = "  ".join(f"{n}={v:7.1f}" if v else f"{n}=   n/a" for n, v in r["tflops"].items())
+        errs = "".join(f"  err({n})={e:.1e}" for n, e in r.get("rel_err_vs_plain", {}).items())
         print(f"[{i}/{len(cfgs)}] b{r['b']} s{r['s']} h{r['h']} d{r['d']} "
-              f"{'causal' if r['causal'] else 'full  '} {cells}", flush=True)
+              f"{'causal' if r['causal'] else 'full  '} {cells}{errs}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(device=dev.device_kind, jax=jax.__version__,
