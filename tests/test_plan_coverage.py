@@ -45,6 +45,22 @@ def test_every_split_plan_is_covered_too(name, monkeypatch):
     assert want in {c[3] for c in reach if c[0] == "structure"}
 
 
+def test_persistent_forward_is_covered_too():
+    """With the persistent dense forward switched on (kernels/config.py), every class it
+    reaches has a GPU case planned persistent too, so the GPU run that validates it
+    (JAX_FA4_PLAN_DIFF=<default>,<default>+persistent) covers them."""
+    from jax_fa4.kernels import config
+
+    with config.use_forward_persistent(True):
+        reach = plan_space.reachable()
+        covered = plan_space.matrix_classes()
+    # the classes the switch changes; the others are the default run's
+    persistent = {c for c in reach if c[0] == "structure" and "persistent" in c[4]}
+    assert persistent, "the walk reaches the persistent kernel"
+    missing = sorted(persistent - set(covered))
+    assert not missing, "\n".join(f"  {c}  e.g. {reach[c]}" for c in missing[:20])
+
+
 def test_space_is_walked(reach):
     """The walk reaches every path, split kind and the head-dim-512 design."""
     kinds = {c[1:4] for c in reach if c[0] == "structure"}

@@ -151,9 +151,12 @@ def persistent_tile(v: "ForwardVariant") -> TileConfig:
     """v's tile, persistent where FORWARD_PERSISTENT is on, FA4 would schedule v's
     tiles one CTA each with a fixed grid (dense queries without per-sequence query
     lengths: FA4 schedules those by its varlen scheduler; dense K/V; FA4's design) and
-    shared memory holds the extra O buffer (head dims up to 128 with FA4's tiles)."""
+    shared memory holds the extra O buffer.  Kept to what it was built for and what the
+    GPU matrix covers with it: head dims up to 128 (K and V) with P in registers (FA4's
+    tiles at head dims 40-64 and 97-128; 65-96 keep P in shared memory)."""
     on = (FORWARD_PERSISTENT == "on" and v.tile.design == "fa4" and v.q_layout == "dense"
-          and v.kv_layout == "dense" and not v.has_seqused_q
+          and v.kv_layout == "dense" and not v.has_seqused_q and v.tile.mma_pv_is_rs
+          and max(v.head_dim, v.head_dim_v) <= 128
           and persistent_smem_bytes(v.tile, v.head_dim, v.head_dim_v) <= SM90_SMEM_BYTES)
     return dataclasses.replace(v.tile, persistent=on)
 
