@@ -41,8 +41,16 @@ def _write(line: str) -> None:
         f.write(line + "\n")
 
 
+_T0 = time.time()  # this process's start (the plugin loads with pytest)
+_FIRST = True
+
+
 def pytest_runtest_logstart(nodeid, location):
+    global _FIRST
     if _LOG:
+        if _FIRST:  # startup: imports, collection, the GPU client
+            _write(f"TIME {time.time() - _T0:.1f}s startup")
+            _FIRST = False
         _write(f"START {nodeid}")
 
 
