@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from unittest import mock
@@ -29,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import jax_fa4  # noqa: E402
 from jax_fa4.kernels import backward_config  # noqa: E402
-from bench_forward import bar_chart, flops, time_jax  # noqa: E402  (same timing as the forward)
+from bench_forward import bar_chart, flops, time_jax, write_results  # noqa: E402  (same timing as the forward)
 
 CONFIGS = [dict(b=4, s=8192, h=16, hk=16, d=128), dict(b=4, s=8192, h=32, hk=32, d=64),
            dict(b=4, s=8192, h=8, hk=8, d=256), dict(b=16, s=2048, h=16, hk=16, d=128),
@@ -225,9 +224,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}", flush=True)
     if args.tile_sweep:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=dev.device_kind, jax=jax.__version__,
-                           sweep=tile_sweep(args.reps)), f, indent=1)
+        write_results(args.out, dev.device_kind, sweep=tile_sweep(args.reps))
         return 0
     backends = args.backends.split(",")
     cfgs = rows("quick" if args.quick else args.set)
@@ -244,9 +241,7 @@ def main(argv=None):
         print(f"[{i}/{len(cfgs)}] {_label(r)}  {row}", flush=True)
         for n, e in r.get("errors", {}).items():
             print(f"    {n}: {e}", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=dev.device_kind, jax=jax.__version__, results=results), f,
-                  indent=1)
+    write_results(args.out, dev.device_kind, results=results)
     if args.png:
         plot_rows(results, dev.device_kind, args.png)
     return 0

@@ -57,6 +57,15 @@ def time_jax(fn, args, reps, warmup=3):
     return (time.perf_counter() - t0) / reps
 
 
+def write_results(path, device, **data):
+    """The run's JSON: the card, jax's version, the date and `data` (rows, a sweep)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(device=device, jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
+                       **data), f, indent=1)
+    print(f"wrote {path}", flush=True)
+
+
 class DirectLauncher:
     """Runs a jax_fa4 kernel object straight through libcute_dsl_runtime (no XLA)."""
 
@@ -147,6 +156,7 @@ def _time_backend(res, name, base, q, k, v, scale, causal, fl, direct, reps, xla
         lse = jnp.zeros((b, h, s), jnp.float32)
         jax.block_until_ready((q, k, v, o, lse))
         t = direct.time(plan, scale, [q, k, v, o, lse], reps)
+        out = o  # written in place by the launch
     else:
         if base == "xla" and b * h * s * s * 4 * 3 > xla_cap_bytes:
             raise MemoryError(f"XLA would materialize a >{xla_cap_bytes / 1e9:.0f} GB "
@@ -161,10 +171,9 @@ def _time_backend(res, name, base, q, k, v, scale, causal, fl, direct, reps, xla
             lambda i, q, k, v, f=f: f(q, k, v).astype(q.dtype), 8), 8, q, k, v)
         if td:
             res.setdefault("device_tflops", {})[name] = fl / td / 1e12
-        res["tflops"][name] = fl / t / 1e12
-        return f(q, k, v)
+        out = f(q, k, v)
     res["tflops"][name] = fl / t / 1e12
-    return o
+    return out
 
 
 # Tile candidates tried by --tile-sweep (direct launches only), keyed by head dim.
@@ -318,8 +327,7 @@ def main():
     direct = DirectLauncher()
     if args.tile_sweep:
         rows = tile_sweep(direct, args.reps)
-        with open(args.out, "w") as f:
-            json.dump(dict(device=dev.device_kind, date=time.strftime("%Y-%m-%d"), sweep=rows), f)
+        write_results(args.out, dev.device_kind, sweep=rows)
         return
     backends = args.backends.split(",")
     results = []
@@ -331,11 +339,7 @@ def main():
         errs = "".join(f"  err({n})={e:.1e}" for n, e in r.get("rel_err_vs_plain", {}).items())
         print(f"[{i}/{len(cfgs)}] b{r['b']} s{r['s']} h{r['h']} d{r['d']} "
               f"{'causal' if r['causal'] else 'full  '} {cells}{errs}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=dev.device_kind, jax=jax.__version__,
-                       date=time.strftime("%Y-%m-%d"), results=results), f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, dev.device_kind, results=results)
     if args.png:
         plot_rows(results, dev.device_kind, args.png)
 

@@ -14,10 +14,8 @@ trace of 8 chained calls ("device_tflops").  TFLOP/s = sum over sequences of
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
@@ -29,7 +27,7 @@ import jax_fa4  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import device_time  # noqa: E402
-from bench_forward import time_jax  # noqa: E402
+from bench_forward import time_jax, write_results  # noqa: E402
 
 HEADS, HDIM = 16, 128
 XLA_CAP_BYTES = 30e9
@@ -123,11 +121,7 @@ def main():
         dcells = "  ".join(f"{n}={v:6.1f}" for n, v in r["device_tflops"].items())
         print(f"[{i}/{len(ROWS)}] {r['label']} ({r['tokens']} tokens): {cells} | GPU trace: "
               f"{dcells}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=dev.device_kind, jax=jax.__version__,
-                       date=time.strftime("%Y-%m-%d"), results=results), f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, dev.device_kind, results=results)
 
 
 if __name__ == "__main__":
