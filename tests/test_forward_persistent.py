@@ -54,7 +54,7 @@ def test_tiles_without_room_for_o_stay_unpersistent(d):
     with config.use_forward_persistent(True):
         v = plan_dense(dense(d)).variant
     assert not v.tile.persistent
-    assert config.persistent_smem_bytes(v.tile, d, d) > config.SM90_SMEM_BYTES
+    assert config.fa4_smem_bytes(v.tile, d, d, own_o=True) > config.SM90_SMEM_BYTES
 
 
 def test_what_stays_unpersistent():

@@ -10,8 +10,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import plan_space  # noqa: E402
 from jax_fa4.dispatch import VarlenCall, plan_varlen  # noqa: E402
 from jax_fa4.kernels import split  # noqa: E402
-from jax_fa4.kernels.config import (ForwardVariant, TileConfig, cp_async_rows_per_pass,  # noqa: E402
-                                    cp_async_tile)
+from jax_fa4.kernels.config import (SM90_SMEM_BYTES, ForwardVariant, TileConfig,  # noqa: E402
+                                    cp_async_rows_per_pass, cp_async_tile, fa4_smem_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,6 @@ def test_issue_repros_plan_safe_tiles(hd, ps, mask, tile_n):
 def test_fa4_tiles_fit_shared_memory():
     """Every reachable FA4-design plan's Q, K/V stages and P fit SM90's 227 KiB (FA4
     stages O in the Q tile, so the value head dim never exceeds the key's)."""
-    pad = lambda d: -(-d // 16) * 16  # noqa: E731
     from jax_fa4.dispatch import plan_dense, plan_varlen
     from jax_fa4.dispatch import Unsupported as U
     for planner, calls in ((plan_dense, plan_space._dense_calls()),
@@ -120,7 +119,5 @@ def test_fa4_tiles_fit_shared_memory():
             if t.design != "fa4":
                 continue
             assert v.head_dim_v <= v.head_dim, v.describe()
-            elems = (t.tile_m * pad(v.head_dim)
-                     + t.num_stages * t.tile_n * (pad(v.head_dim) + pad(v.head_dim_v))
-                     + (0 if t.mma_pv_is_rs else t.tile_m * t.tile_n))
-            assert 2 * elems <= 227 * 1024, v.describe()
+            assert fa4_smem_bytes(t, v.head_dim, v.head_dim_v) <= SM90_SMEM_BYTES, \
+                v.describe()

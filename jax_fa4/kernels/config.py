@@ -132,19 +132,20 @@ def use_forward_persistent(on: bool):
         FORWARD_PERSISTENT = saved
 
 
-# Shared memory an SM90 thread block may use (227 KiB), less a margin for FA4's
-# barriers and buffer alignment (1 KiB per buffer) beyond persistent_smem_bytes' count
-SM90_SMEM_BYTES = 227 * 1024 - 8 * 1024
+# Shared memory an SM90 thread block may use
+SM90_SMEM_BYTES = 227 * 1024
 
 
-def persistent_smem_bytes(tile: TileConfig, head_dim: int, head_dim_v: int) -> int:
-    """Bytes of shared memory the persistent kernel's buffers take (16-bit elements,
-    head dims padded to 32): FA4's Q, K/V stages and P (unless P stays in registers),
-    and the O buffer it adds (kernels/forward_persistent.py)."""
-    d, dv = (-(-x // 32) * 32 for x in (head_dim, head_dim_v))
+def fa4_smem_bytes(tile: TileConfig, head_dim: int, head_dim_v: int,
+                   own_o: bool = False) -> int:
+    """Bytes of FA4's SM90 forward buffers (16-bit elements, head dims padded to 16): Q,
+    the K/V stages and P (unless P stays in registers); FA4 stages O in Q's buffer, and
+    `own_o` adds the separate O buffer of the persistent kernel
+    (kernels/forward_persistent.py)."""
+    d, dv = (-(-x // 16) * 16 for x in (head_dim, head_dim_v))
     p = 0 if tile.mma_pv_is_rs else tile.tile_m * tile.tile_n
-    return 2 * (tile.tile_m * d + tile.num_stages * tile.tile_n * (d + dv) + p
-                + tile.tile_m * dv)
+    o = tile.tile_m * dv if own_o else 0
+    return 2 * (tile.tile_m * d + tile.num_stages * tile.tile_n * (d + dv) + p + o)
 
 
 def persistent_tile(v: "ForwardVariant") -> TileConfig:
@@ -157,7 +158,7 @@ def persistent_tile(v: "ForwardVariant") -> TileConfig:
     on = (FORWARD_PERSISTENT == "on" and v.tile.design == "fa4" and v.q_layout == "dense"
           and v.kv_layout == "dense" and not v.has_seqused_q and v.tile.mma_pv_is_rs
           and max(v.head_dim, v.head_dim_v) <= 128
-          and persistent_smem_bytes(v.tile, v.head_dim, v.head_dim_v) <= SM90_SMEM_BYTES)
+          and fa4_smem_bytes(v.tile, v.head_dim, v.head_dim_v, own_o=True) <= SM90_SMEM_BYTES)
     return dataclasses.replace(v.tile, persistent=on)
 
 

@@ -163,18 +163,23 @@ class PersistentForwardMixin:
                                   _PersistentLPTScheduler):
             return super().__call__(*args, **kwargs)
 
+    def _o_offset(self) -> int:
+        """Elements from Q's buffer to O's: Q's size rounded up to the buffer alignment
+        (O follows Q in SharedStorageOwnO)."""
+        elems_per_align = self.buffer_align_bytes * 8 // self.dtype.width
+        return -(-cute.cosize(self.sQ_layout) // elems_per_align) * elems_per_align
+
     def _get_shared_storage_cls(self):
         """FA4's buffers (Q, K/V stages, P, the pipeline barriers) and one more for O,
-        right after Q (module doc, 2); `_o_offset` is its distance from Q in elements."""
+        right after Q (module doc, 2)."""
         assert not self.Q_in_regs, "V would share Q's shared memory"
-        align = self.buffer_align_bytes
 
         def buf(n):
-            return cute.struct.Align[cute.struct.MemRange[self.dtype, n], align]
+            return cute.struct.Align[cute.struct.MemRange[self.dtype, n],
+                                     self.buffer_align_bytes]
 
         n_q = cute.cosize(self.sQ_layout)
         n_p = cute.cosize(self.sP_layout) if const_expr(self.sP_layout is not None) else 0
-        self._o_offset = -(-n_q * self.dtype.width // 8 // align) * align * 8 // self.dtype.width
 
         @cute.struct
         class SharedStorageOwnO:
@@ -192,7 +197,7 @@ class PersistentForwardMixin:
     def mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, sK, sVt, sP, sO, *args, **kwargs):
         # FA4 builds sO on Q's buffer; the same layout on the buffer that follows Q (an
         # offset of whole 1024-byte swizzle periods keeps the swizzle)
-        sO = cute.make_tensor(sO.iterator + self._o_offset, sO.layout)
+        sO = cute.make_tensor(sO.iterator + self._o_offset(), sO.layout)
         return super().mma(tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, sK, sVt, sP, sO,
                            *args, **kwargs)
 
