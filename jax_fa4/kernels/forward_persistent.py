@@ -164,10 +164,12 @@ class PersistentForwardMixin:
             return super().__call__(*args, **kwargs)
 
     def _o_offset(self) -> int:
-        """Elements from Q's buffer to O's: Q's size rounded up to the buffer alignment
-        (O follows Q in SharedStorageOwnO)."""
+        """Elements from Q's buffer to O's: Q's (tile_m x padded head dim, one stage)
+        rounded up to the buffer alignment (O follows Q in SharedStorageOwnO).  Plain
+        Python arithmetic: it is used inside the kernel, where the host-side layout
+        objects may not be referenced."""
         elems_per_align = self.buffer_align_bytes * 8 // self.dtype.width
-        return -(-cute.cosize(self.sQ_layout) // elems_per_align) * elems_per_align
+        return -(-self.tile_m * self.tile_hdim // elems_per_align) * elems_per_align
 
     def _get_shared_storage_cls(self):
         """FA4's buffers (Q, K/V stages, P, the pipeline barriers) and one more for O,
@@ -179,6 +181,7 @@ class PersistentForwardMixin:
                                      self.buffer_align_bytes]
 
         n_q = cute.cosize(self.sQ_layout)
+        assert n_q == self.tile_m * self.tile_hdim, "Q is one tile_m x head dim stage"
         n_p = cute.cosize(self.sP_layout) if const_expr(self.sP_layout is not None) else 0
 
         @cute.struct
