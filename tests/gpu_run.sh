@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (docs/DEVICE.md): build the extension, then run what $1 lists
-# (comma-separated: tests, parity, timeline, ncu, ncu_fwd, ncu_short, diag, memcheck,
+# (comma-separated: tests, parity, timeline, ncu, ncu_fwd, diag, memcheck,
 # guard, bench, varlen, paged, decode, sweep, loop, gemma, backward, bwd_sweep, compare,
 # hdim512, single_qk; default
 # tests,bench) with precompiled kernels from .device/kernels (or .device/kernels.tar.xz,
@@ -117,37 +117,22 @@ if [[ $what == *,ncu,* ]]; then
 fi
 if [[ $what == *,ncu_fwd,* ]]; then
   # Nsight Compute (--set full) on one forward kernel per NCU_FORWARD spec (';'-separated
-  # timeline.py forward arguments): the head-dim-512 designs against FA4's own hdim-128
-  # and -256 kernels, for the shared-memory traffic model in docs/PERF.md.  The metric
-  # list of this ncu (shared memory, tensor pipes) goes to ncu_metrics.txt.
+  # timeline.py forward arguments): by default the head-dim-512 designs against FA4's
+  # own hdim-128 and -256 kernels, for the shared-memory traffic model in docs/PERF.md;
+  # with `--impl cudnn` in a spec, cuDNN's kernel (issue 20's short rows: what cuDNN's
+  # short-sequence kernel does differently).  The metric list of this ncu (shared
+  # memory, tensor pipes) goes to ncu_metrics.txt.
   ncu --query-metrics 2>/dev/null | grep -iE "shared|gmma|tensor|data_bank" >"$OUT/ncu_metrics.txt"
   IFS=';' read -ra specs <<<"${NCU_FORWARD:---b 2 --s 8192 --heads 32 --kv-heads 4 --hdim 512 --design split_k;--b 2 --s 8192 --heads 32 --kv-heads 4 --hdim 512 --design single_qk;--b 2 --s 8192 --heads 32 --kv-heads 4 --hdim 512 --design split_pv;--b 4 --s 8192 --heads 16 --hdim 128;--b 4 --s 4096 --heads 8 --hdim 256}"
   for spec in "${specs[@]}"; do
     name=$(echo $spec | tr -d ' -')
-    timeout ${NCU_TIMEOUT:-300} ncu --target-processes all -k "regex:flash_fwd" --launch-count 1 \
+    timeout ${NCU_TIMEOUT:-300} ncu --target-processes all -k "regex:flash_fwd|sdpa|fprop|fmha" \
+      --launch-count 1 \
       --set full python3 benchmarks/timeline.py forward $spec --no-trace \
       >"$OUT/ncu_fwd_$name.txt" 2>&1
     echo "== $spec"
-    grep -E "==ERROR==|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Registers Per" \
+    grep -E "==PROF== Profiling|==ERROR==|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Registers Per|Grid Size|Block Size|Waves Per SM|L2 Hit Rate" \
       "$OUT/ncu_fwd_$name.txt" | head -30
-  done
-fi
-if [[ $what == *,ncu_short,* ]]; then
-  # Nsight Compute (--set full) on cuDNN's and FA4's forward kernels at issue 20's short
-  # rows (NCU_SHORT: ';'-separated timeline.py forward arguments), for what cuDNN's
-  # short-sequence kernel does differently: grid, tile, registers, shared memory, L2
-  # hit rate, tensor-pipe use.
-  IFS=';' read -ra specs <<<"${NCU_SHORT:---b 64 --s 512 --heads 16 --hdim 128 --causal;--b 64 --s 512 --heads 16 --hdim 128;--b 32 --s 1024 --heads 16 --hdim 128 --causal}"
-  for spec in "${specs[@]}"; do
-    for impl in cudnn jax_fa4; do
-      name=$(echo $spec | tr -d ' -')_$impl
-      timeout ${NCU_TIMEOUT:-300} ncu --target-processes all -k "regex:sdpa|fprop|fmha|flash_fwd" \
-        --launch-count 1 --set full python3 benchmarks/timeline.py forward $spec --impl $impl \
-        --no-trace >"$OUT/ncu_short_$name.txt" 2>&1
-      echo "== $spec $impl"
-      grep -E "==PROF== Profiling|==ERROR==|Duration|Grid Size|Block Size|Registers Per|Shared Memory Per Block|Waves Per SM|Achieved Occupancy|L2 Hit Rate|DRAM Throughput|Compute \(SM\) Throughput" \
-        "$OUT/ncu_short_$name.txt" | cut -c1-160 | head -20
-    done
   done
 fi
 if [[ $what == *,compare,* ]]; then
