@@ -1,7 +1,7 @@
 """The persistent dense forward (kernels/forward_persistent.py, TileConfig.persistent)
 on CPU: off by default with every earlier key unchanged; when switched on, only dense
 queries without seqused_q, FA4's design, unsplit calls and tiles whose shared memory
-holds the extra O buffer take it; it compiles for sm_90a without spills, its call lowers
+holds the extra O buffer take it; it compiles for sm_90a, its call lowers
 like the plain forward under its own symbol, its tile loop strides by the grid, O is
 staged in its own buffer and Q is released where FA4 releases it."""
 import dataclasses
@@ -110,20 +110,21 @@ _PTX_CODE = """
 """
 
 
-def _kernel_ptx(tmp_path, kind):
-    """The PTX of the hdim-128 causal forward, plain or persistent (CuTe DSL's dump)."""
+def _kernel_dump(tmp_path, kind, what="PTX"):
+    """CuTe DSL's dump (what: PTX or IR, the MLIR) of the hdim-128 causal forward, plain
+    or persistent."""
     import subprocess
     import textwrap
 
-    out = tmp_path / kind
+    out = tmp_path / f"{kind}_{what}"
     out.mkdir()
-    env = dict(os.environ, CUTE_DSL_KEEP_PTX="1", CUTE_DSL_DUMP_DIR=str(out))
+    env = dict(os.environ, CUTE_DSL_DUMP_DIR=str(out), **{f"CUTE_DSL_KEEP_{what}": "1"})
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(_PTX_CODE), kind], env=env,
                        capture_output=True, text=True, timeout=300, cwd=out)
     assert r.returncode == 0, r.stderr[-2000:]
-    ptx = list(out.glob("*.ptx"))
-    assert len(ptx) == 1, ptx
-    return ptx[0].read_text()
+    dump = list(out.glob("*.ptx" if what == "PTX" else "*.mlir"))
+    assert len(dump) == 1, dump
+    return dump[0].read_text()
 
 
 @compiles
@@ -132,9 +133,24 @@ def test_tiles_stride_by_the_grid_and_q_is_released_as_fa4_does(tmp_path):
     does not), and Q's release (the last mbarrier arrive) comes where FA4's kernel has
     it, before the epilogue's wait for its TMA store: O has its own buffer, so the next
     Q load need not wait for the store (the first version released Q after it)."""
-    plain = _kernel_ptx(tmp_path, "plain")
-    pers = _kernel_ptx(tmp_path, "persistent")
+    plain = _kernel_dump(tmp_path, "plain")
+    pers = _kernel_dump(tmp_path, "persistent")
     wait, arrive = "cp.async.bulk.wait_group.read", "mbarrier.arrive.shared.b64"
     assert plain.rindex(arrive) < plain.rindex(wait)
     assert pers.rindex(arrive) < pers.rindex(wait)
     assert "%nctaid.x" in pers and "%nctaid.x" not in plain
+
+
+@compiles
+def test_o_is_staged_in_its_own_buffer_after_q(tmp_path):
+    """The persistent kernel's correctness change, in its MLIR: the shared-memory struct
+    has an sO buffer right after sQ (FA4's own kernel stages O in sQ, which the next
+    tile's Q load would overwrite), and the epilogue's O tensor is Q's pointer moved by
+    exactly Q's size (128 x 128 bf16 = 16384 elements)."""
+    import re
+
+    ir = _kernel_dump(tmp_path, "persistent", "IR")
+    fields = dict((name, (int(size), int(at))) for name, size, at in
+                  re.findall(r'"(s[A-Z]):(\d+):(\d+)"', ir))
+    assert fields["sO"] == (128 * 128 * 2, fields["sQ"][1] + fields["sQ"][0]), fields
+    assert re.search(r'add_offset.*ptr<bf16, smem.*int_tuple<"16384">', ir)
