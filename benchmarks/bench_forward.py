@@ -165,15 +165,23 @@ def _time_backend(res, name, base, q, k, v, scale, causal, fl, direct, reps, xla
         fn = (jax_fa4.attention if base == "jax_fa4" else jax.nn.dot_product_attention)
         f = jax.jit(lambda q, k, v, fn=fn, impl=impl: fn(
             q, k, v, scale=scale, is_causal=causal, implementation=impl))
-        t = time_jax(f, (q, k, v), reps)
-        # the output (q's shape: V has d columns here) is the next query
-        td = device_time.per_call(device_time.chain(
-            lambda i, q, k, v, f=f: f(q, k, v).astype(q.dtype), 8), 8, q, k, v)
-        if td:
-            res.setdefault("device_tflops", {})[name] = fl / td / 1e12
-        out = f(q, k, v)
+        return time_program(res, name, f, (q, k, v), fl, reps)
     res["tflops"][name] = fl / t / 1e12
     return out
+
+
+def time_program(res, name, f, args, fl, reps):
+    """Times the jitted f(q, k, v) -- host clock over `reps` calls ("tflops") and the GPU
+    trace of 8 chained calls ("device_tflops") -- records both in `res` for backend
+    `name` at `fl` FLOPs, and returns f's output (for a check of what it computed)."""
+    t = time_jax(f, args, reps)
+    res["tflops"][name] = fl / t / 1e12
+    # the output (q's shape: V has q's head dim in these benchmarks) is the next query
+    td = device_time.per_call(device_time.chain(
+        lambda i, q, k, v, f=f: f(q, k, v).astype(q.dtype), 8), 8, *args)
+    if td:
+        res.setdefault("device_tflops", {})[name] = fl / td / 1e12
+    return f(*args)
 
 
 # Tile candidates tried by --tile-sweep (direct launches only), keyed by head dim.

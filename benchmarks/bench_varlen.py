@@ -26,8 +26,7 @@ import numpy as np  # noqa: E402
 import jax_fa4  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import device_time  # noqa: E402
-from bench_forward import time_jax, write_results  # noqa: E402
+from bench_forward import time_program, write_results  # noqa: E402
 
 HEADS, HDIM = 16, 128
 XLA_CAP_BYTES = 30e9
@@ -93,12 +92,7 @@ def bench_row(row, reps, backends):
         if name not in backends:
             continue
         try:
-            t = time_jax(f, args, reps)
-            res["tflops"][name] = fl / t / 1e12
-            td = device_time.per_call(device_time.chain(
-                lambda i, q, k, v, f=f: f(q, k, v).astype(q.dtype), 8), 8, *args)
-            if td:
-                res["device_tflops"][name] = fl / td / 1e12
+            time_program(res, name, f, args, fl, reps)
         except Exception as e:  # record why a backend could not run this batch
             res["tflops"][name] = None
             res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:200]}"

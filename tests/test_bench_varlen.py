@@ -48,3 +48,12 @@ def test_padded_peer_sees_the_same_sequences():
         a = np.asarray(got[i, :s], np.float32)
         b = np.asarray(want[int(cu[i]):int(cu[i]) + s], np.float32)
         np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_a_row_is_timed_with_real_tokens_flops():
+    """bench_row through bench_forward.time_program on CPU (the XLA peer): a positive
+    TFLOP/s over the real tokens' work, no error recorded."""
+    row = dict(lens=(17, 40, 5), causal=True, label="t")
+    r = bench_varlen.bench_row(row, 2, ["xla"])
+    assert r["tflops"]["xla"] > 0 and "errors" not in r
+    assert r["tokens"] == 62 and r["lens"] == [17, 40, 5]
