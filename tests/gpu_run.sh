@@ -30,10 +30,12 @@ if [[ $what == *,tests,* ]]; then
   # Shards, one process each (tests/gpu_shards.py): a CUDA illegal address is reported
   # with its case and the shard goes on in a new process.  GPU_TESTS: pytest selection
   # (default: every gpu test); GPU_TEST_JOBS shards at a time.
+  # GPU_TEST_K: a pytest -k expression (may hold spaces).  The driver's own deadline
+  # ends it first, so its summary is written (NOT_RUN) and not lost to the outer
+  # timeout.  (No comment line may sit inside the continued command below: a comment
+  # after a backslash ends the command there, and XLA_FLAGS never reached the tests --
+  # tests/test_shell_scripts.py checks every script for it.)
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-  # GPU_TEST_K: a pytest -k expression (may hold spaces)
-  # the driver's own deadline ends it first, so its summary is written (NOT_RUN) and
-  # not lost to the outer timeout
   timeout ${TEST_TIMEOUT:-3000} python3 -u tests/gpu_shards.py --out "$OUT" \
     --deadline $(( ${TEST_TIMEOUT:-3000} - 20 )) --shard-size ${GPU_SHARD_SIZE:-60} \
     ${GPU_TEST_K:+-k "$GPU_TEST_K"} ${GPU_TESTS:-tests} 2>&1 \
