@@ -147,6 +147,9 @@ def main(argv=None) -> int:
                         "(attention(..., deterministic=True)) of every call")
     p.add_argument("--cache-dir", help="where to write (default: JAX_FA4_CACHE_DIR)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--check", action="store_true",
+                   help="build nothing: list the variants missing from the cache and "
+                        "exit 1 if any is (before carrying a cache to a GPU host)")
     args = p.parse_args(argv)
     if args.deterministic and not (args.calls and args.backward):
         p.error("--deterministic names backward kernels: use it with --calls and --backward")
@@ -168,7 +171,12 @@ def main(argv=None) -> int:
 
     todo = [v for v in unique if load_from_disk(v) is None]
     print(f"jax_fa4.precompile: {len(unique)} variants, {len(unique) - len(todo)} cached, "
-          f"{len(todo)} to build in {cache_dir()} with {args.jobs} jobs", flush=True)
+          f"{len(todo)} {'missing' if args.check else 'to build'} in {cache_dir()}"
+          + ("" if args.check else f" with {args.jobs} jobs"), flush=True)
+    if args.check:
+        for v in todo:
+            print(f"  missing: {v.describe()}", flush=True)
+        return 1 if todo else 0
     t0, failed = time.perf_counter(), 0
     # spawn, not fork: the parent may hold JAX threads.
     ctx = multiprocessing.get_context("spawn")

@@ -68,6 +68,24 @@ def test_missing_kernel_command_names_exactly_that_variant(v, kernel_cache, monk
     assert "1 variants, 1 cached, 0 to build" in capsys.readouterr().out
 
 
+def test_check_lists_missing_variants_and_builds_nothing(kernel_cache, monkeypatch, capsys):
+    """--check: exit 1 naming what is missing, 0 once it is there; never compiles (the
+    cache holds a fake object, and nothing is written for the missing one)."""
+    v = ForwardVariant("bfloat16", 128, 128, 1, mask="causal")
+    w = ForwardVariant("bfloat16", 128, 128, 1, mask="none")
+    monkeypatch.delenv("JAX_FA4_QUIET", raising=False)
+    cache.store_to_disk(v, FAKE_OBJECT)
+    specs = [a for x in (v, w) for a in ("--variant", kcompile.variant_spec(x))]
+    capsys.readouterr()
+    assert precompile.main(["--check", *specs]) == 1
+    out = capsys.readouterr().out
+    assert "2 variants, 1 cached, 1 missing" in out
+    assert f"missing: {w.describe()}" in out and v.describe() not in out.split("missing:", 1)[1]
+    assert cache.load_from_disk(w) is None  # nothing built
+    cache.store_to_disk(w, FAKE_OBJECT)
+    assert precompile.main(["--check", *specs]) == 0
+
+
 def test_variant_and_calls_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         precompile.main(["--calls", "x.py", "--variant", "{}"])
