@@ -8,7 +8,8 @@ bf16, `num_splits` forced or automatic; a third of the dense and varlen calls al
 gradients.
 
 JAX_FA4_FUZZ_SEED picks the draw (use a new one each session and record it with the
-result in docs/RELIABILITY.md); JAX_FA4_FUZZ_N the number of calls.  The same module is
+result in docs/RELIABILITY.md); JAX_FA4_FUZZ_N the number of calls; JAX_FA4_FUZZ_SKIP
+leaves out calls by id (`skipped`: those an earlier run of the seed passed).  The same module is
 the precompile list: `JAX_FA4_FUZZ_SEED=... python -m jax_fa4.precompile --calls
 tests/gpu_cases_fuzz.py [--backward]`.  Each call carries its own data knobs (lengths,
 page table seed, ...) under keys starting with '_', which precompile ignores.
@@ -189,5 +190,22 @@ def _repros():
     return r
 
 
+def skipped(spec: str) -> set:
+    """The call ids JAX_FA4_FUZZ_SKIP names: comma-separated ids and ranges ("0-3,34,
+    repro"; "repro" is every repro), e.g. the calls of a seed that passed in an earlier
+    session (docs/RELIABILITY.md), so a later run spends the device on the rest."""
+    out = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part == "repro":
+            out |= {c["_id"] for c in REPROS}
+        elif "-" in part:
+            lo, hi = (int(x) for x in part.split("-"))
+            out |= set(range(lo, hi + 1))
+        else:
+            out.add(part if part.startswith("repro") else int(part))
+    return out
+
+
 REPROS = _repros()
-CALLS = REPROS + calls()
+_SKIP = skipped(os.environ.get("JAX_FA4_FUZZ_SKIP", ""))
+CALLS = [c for c in REPROS + calls() if c["_id"] not in _SKIP]

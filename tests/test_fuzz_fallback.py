@@ -43,3 +43,11 @@ def test_the_small_draw_spans_the_api():
 def test_fuzz_call_on_the_fallback(case):
     with jax.default_device(jax.devices("cpu")[0]):
         fuzz.test_fuzz_call(case)
+
+
+def test_skip_names_ids_and_ranges():
+    assert gpu_cases_fuzz.skipped("") == set()
+    ids = gpu_cases_fuzz.skipped("repro, 0-3,34,repro1")
+    assert ids == {c["_id"] for c in gpu_cases_fuzz.REPROS} | {0, 1, 2, 3, 34}
+    kept = [c for c in gpu_cases_fuzz.REPROS + gpu_cases_fuzz.calls(n=40) if c["_id"] not in ids]
+    assert [c["_id"] for c in kept] == [i for i in range(40) if i not in (0, 1, 2, 3, 34)]
