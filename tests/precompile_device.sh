@@ -36,11 +36,13 @@ build_calls() {  # every calls file of the GPU tests and the benchmarks
   pc_specs benchmarks/bench_forward.py  # its --tile-sweep's alternative tiles
   pc_specs benchmarks/bench_backward.py  # its --tile-sweep's head-dim-256 backward tiles
 }
-# once per split plan (kernels/split.SPLIT_PLANS: the default, and issue 18's, which the
-# GPU suite validates with JAX_FA4_SPLIT_PLAN=issue18); later passes find every kernel
-# that does not depend on the plan already built
-# PLANS: a space-separated subset (default: every plan)
-for plan in ${PLANS:-$(python -c "from jax_fa4.kernels.split import SPLIT_PLANS; print(*SPLIT_PLANS)")}; do
+# once per split plan (kernels/split.SPLIT_PLANS): the default and the candidates not yet
+# decided on a GPU (split.CANDIDATE_PLANS); later passes find every kernel that does not
+# depend on the plan already built.  PLANS: a space-separated list instead ("all": every
+# plan, for a run that benchmarks the rejected ones again)
+default_plans=$(python -c "from jax_fa4.kernels.split import DEFAULT_PLAN, CANDIDATE_PLANS; print(DEFAULT_PLAN, *CANDIDATE_PLANS)")
+[ "${PLANS:-}" = all ] && PLANS=$(python -c "from jax_fa4.kernels.split import SPLIT_PLANS; print(*SPLIT_PLANS)")
+for plan in ${PLANS:-$default_plans}; do
   echo "== split plan $plan" >&2
   JAX_FA4_SPLIT_PLAN=$plan build_calls
 done

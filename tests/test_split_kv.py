@@ -522,3 +522,9 @@ def test_fused_merge_issues_a_chunk_of_loads_before_any_exp(tmp_path):
     first_exp = merge.index("ex2.approx")
     loads = len(re.findall(r"\bld\.global", merge[:first_exp]))
     assert loads >= MERGE_CHUNK * (1 + MERGE_COLS), loads
+
+
+def test_candidate_plans_are_plans_other_than_the_default():
+    """tests/precompile_device.sh builds DEFAULT_PLAN and CANDIDATE_PLANS by default."""
+    assert set(split.CANDIDATE_PLANS) <= set(split.SPLIT_PLANS)
+    assert split.DEFAULT_PLAN not in split.CANDIDATE_PLANS
