@@ -184,25 +184,42 @@ def time_program(res, name, f, args, fl, reps):
     return f(*args)
 
 
-# Tile candidates tried by --tile-sweep (direct launches only), keyed by head dim.
+# Tile candidates tried by --tile-sweep (direct launches only), keyed by head dim:
+# (tile_m, tile_n, P in registers[, K/V stages, CTAs per SM]).  The first of each head
+# dim is FA4's own: every other tile's output is checked against its output.
 SWEEP_TILES = {
     64: [(192, 128, True), (128, 128, True), (192, 192, True), (128, 192, True),
          (192, 96, True), (192, 128, False)],
     # 64-row tiles (one MMA warpgroup, as the decode tile) and 64 keys: less causal
-    # masking waste and more thread blocks at issue 20's short sequences
+    # masking waste and more thread blocks at issue 20's short sequences; the last two
+    # keep two 64-row CTAs resident per SM (kernels/forward_occupancy.py: 80 KiB of
+    # shared memory and 128 registers a thread each), so one CTA's fixed steps overlap
+    # the other's GEMMs; the one-stage 64 x 128 tile at one CTA per SM before them is
+    # their control (what the second CTA alone changes)
     128: [(128, 128, True), (128, 176, True), (128, 96, True), (192, 128, False),
-          (128, 64, True), (64, 128, True)],
+          (128, 64, True), (64, 128, True), (64, 128, True, 1, 1), (64, 128, True, 1, 2),
+          (64, 64, True, 2, 2)],
 }
 # Sequence lengths swept per head dim (batch = 32768 // s): issue 20's short rows
 # (b64 s512, b32 s1024, b16 s2048 at head dim 128) and a long one.
 SWEEP_SEQS = {64: (1024, 4096), 128: (512, 1024, 2048, 4096)}
 
 
-def sweep_variants():
-    """(config, variant) pairs for --tile-sweep; also used to precompile them."""
-    import dataclasses
+def _sweep_tile(t):
+    from jax_fa4.kernels import TileConfig
 
-    from jax_fa4.kernels import ForwardVariant, TileConfig
+    tm, tn, rs, stages, ctas = tuple(t) + (2, 1)[len(t) - 3:]  # defaults: 2 stages, 1 CTA/SM
+    return TileConfig(tm, tn, rs, True, num_stages=stages, ctas_per_sm=ctas)
+
+
+def sweep_variants(match=None):
+    """(config, variant) pairs for --tile-sweep; also used to precompile them.  `match`:
+    a regular expression on the tile's description (TileConfig.describe); the first
+    (reference) tile of each head dim is always kept."""
+    import dataclasses
+    import re
+
+    from jax_fa4.kernels import ForwardVariant
 
     out = []
     for d, tiles in SWEEP_TILES.items():
@@ -211,32 +228,42 @@ def sweep_variants():
                 h = 2048 // d
                 cfg = dict(b=32768 // s, s=s, h=h, hk=h, d=d, causal=causal, dtype="bfloat16")
                 base = ForwardVariant("bfloat16", d, d, 1, "causal" if causal else "none")
-                for tm, tn, rs in tiles:
-                    out.append((cfg, dataclasses.replace(base, tile=TileConfig(tm, tn, rs, True))))
+                for i, t in enumerate(tiles):
+                    tile = _sweep_tile(t)
+                    if i == 0 or match is None or re.search(match, tile.describe()):
+                        out.append((cfg, dataclasses.replace(base, tile=tile)))
     return out
 
 
-def tile_sweep(direct, reps):
+def tile_sweep(direct, reps, match=None):
+    """TFLOP/s of each tile by direct launch, and each tile's output against the first
+    (FA4's) tile's on the same inputs: a timing never stands without a check of what it
+    computed."""
     from jax_fa4.dispatch import KernelPlan
 
-    rows = []
-    for cfg, variant in sweep_variants():
+    rows, ref = [], {}
+    for cfg, variant in sweep_variants(match):
         b, s, h, d, causal = (cfg[k] for k in ("b", "s", "h", "d", "causal"))
         key = jax.random.split(jax.random.PRNGKey(0), 3)
         q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in key)
-        o, lse = jnp.zeros((b, s, h, d), jnp.bfloat16), jnp.zeros((b, h, s), jnp.float32)
+        o = jnp.full((b, s, h, d), jnp.nan, jnp.bfloat16)  # unwritten elements stay NaN
+        lse = jnp.zeros((b, h, s), jnp.float32)
         jax.block_until_ready((q, k, v, o, lse))
-        t = variant.tile
+        t, err = variant.tile, None
         try:
             sec = direct.time(KernelPlan(variant, 0, 0), 1 / math.sqrt(d), [q, k, v, o, lse], reps)
             tf = flops(b, h, s, s, d, causal) / sec / 1e12
+            out = o.astype(jnp.float32)  # written in place by the launches
+            first = ref.setdefault(json.dumps(cfg, sort_keys=True), out)
+            err = float(jnp.linalg.norm(out - first) / jnp.linalg.norm(first))
         except Exception as e:  # a tile that does not fit or fails to load
             tf = None
             print(f"  {variant.describe()}: {type(e).__name__}: {e}", flush=True)
         rows.append(dict(cfg, tile=[t.tile_m, t.tile_n, t.mma_pv_is_rs], tflops=tf,
-                         persistent=t.persistent))
+                         persistent=t.persistent, num_stages=t.num_stages,
+                         ctas_per_sm=t.ctas_per_sm, rel_err_vs_first_tile=err))
         print(f"sweep b{b} s{s} d{d} {'causal' if causal else 'full'} {t.describe()}: "
-              f"{tf and round(tf, 1)}", flush=True)
+              f"{tf and round(tf, 1)}  (rel. error vs the first tile {err})", flush=True)
     return rows
 
 
@@ -321,20 +348,23 @@ def main():
     p.add_argument("--backends", default="jax_fa4,cudnn,xla,direct")
     p.add_argument("--tile-sweep", action="store_true",
                    help="only time alternative tiles (SWEEP_TILES) by direct launch")
+    p.add_argument("--sweep-match", metavar="REGEX",
+                   help="with --tile-sweep / --sweep-specs: only the tiles whose "
+                        "description matches (e.g. '/SM'), and each head dim's first")
     p.add_argument("--sweep-specs", action="store_true",
                    help="print the tile sweep's variant specs, one per line (for "
                         "python -m jax_fa4.precompile --variant)")
     args = p.parse_args()
     if args.sweep_specs:
         from jax_fa4.kernels.compile import variant_spec
-        for spec in dict.fromkeys(variant_spec(v) for _, v in sweep_variants()):
+        for spec in dict.fromkeys(variant_spec(v) for _, v in sweep_variants(args.sweep_match)):
             print(spec)
         return
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
     direct = DirectLauncher()
     if args.tile_sweep:
-        rows = tile_sweep(direct, args.reps)
+        rows = tile_sweep(direct, args.reps, args.sweep_match)
         write_results(args.out, dev.device_kind, sweep=rows)
         return
     backends = args.backends.split(",")

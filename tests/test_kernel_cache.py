@@ -70,6 +70,7 @@ def test_key_names_the_toolchain_and_every_field():
     tile = dataclasses.asdict(v.tile)
     assert tile.pop("design") == "fa4"  # left out for FA4's design: older keys stay valid
     assert tile.pop("persistent") is False  # ... and when not persistent
+    assert tile.pop("ctas_per_sm") == 1  # ... and at one CTA per SM
     assert d["tile"] == tile
     assert v.key() == json.dumps(d, sort_keys=True)  # canonical
 
@@ -631,6 +632,7 @@ def test_every_kernel_module_is_digested_or_planning_only():
     here = pathlib.Path(config.__file__).parent
     digested = set(config.FORWARD_SOURCES + config.SPLIT_SOURCES + config.FUSED_SPLIT_SOURCES
                    + config.PREFETCH_SPLIT_SOURCES + config.PERSISTENT_SOURCES
+                   + config.OCCUPANCY_SOURCES
                    + config.BACKWARD_SOURCES)
     planning = {"__init__.py", "variant.py", "config.py", "split.py", "backward_config.py",
                 "errors.py", "cache.py", "compile.py"}

@@ -114,6 +114,10 @@ def _compiler_for(variant: KernelVariant):
         from .forward_persistent import compile_forward_persistent
 
         return compile_forward_persistent
+    if variant.tile.ctas_per_sm != 1:
+        from .forward_occupancy import compile_forward_occupancy
+
+        return compile_forward_occupancy
     from .forward import compile_forward
 
     return compile_forward

@@ -42,6 +42,8 @@ FUSED_SPLIT_SOURCES = ("forward_split_fused.py",)
 PREFETCH_SPLIT_SOURCES = ("forward_split_prefetch.py",)
 # and, for a forward whose CTAs loop over tiles (TileConfig.persistent)
 PERSISTENT_SOURCES = ("forward_persistent.py",)
+# and, for one with two CTAs resident per SM (TileConfig.ctas_per_sm)
+OCCUPANCY_SOURCES = ("forward_occupancy.py",)
 BACKWARD_SOURCES = ("backward.py", "backward_abi.py", "forward.py")
 
 
@@ -56,12 +58,22 @@ class TileConfig:
     # One CTA per SM looping over the tiles (kernels/forward_persistent.py) instead of
     # one CTA per tile: FA4's design, dense queries only
     persistent: bool = False
+    # CTAs resident per SM: 2 halves FA4's registers per CTA (kernels/forward_occupancy.py)
+    # for a 64-row tile whose shared memory fits twice (occupancy_tile_fits); a tile-sweep
+    # candidate for short sequences, not planned for calls
+    ctas_per_sm: int = 1
 
     def __post_init__(self):
         if self.design not in DESIGNS:
             raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}")
         if self.persistent and self.design != "fa4":
             raise ValueError("a persistent tile needs FA4's design")
+        if self.ctas_per_sm not in (1, 2):
+            raise ValueError(f"ctas_per_sm must be 1 or 2, got {self.ctas_per_sm}")
+        if self.ctas_per_sm == 2 and (self.design != "fa4" or self.persistent
+                                      or self.tile_m != 64):
+            raise ValueError("two CTAs per SM need FA4's design, a 64-row tile (one MMA "
+                             "warpgroup) and no persistent schedule")
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -69,12 +81,17 @@ class TileConfig:
             del d["design"]
         if not self.persistent:  # ... and `persistent`
             del d["persistent"]
+        if self.ctas_per_sm == 1:  # ... and `ctas_per_sm`
+            del d["ctas_per_sm"]
         return d
 
     def describe(self) -> str:
         return (f"tile {self.tile_m}x{self.tile_n}{' rs' if self.mma_pv_is_rs else ''}"
+                + (f" {self.num_stages} stage{'s' * (self.num_stages > 1)}"
+                   if self.num_stages != 2 else "")
                 + (f" {self.design}" if self.design != "fa4" else "")
-                + (" persistent" if self.persistent else ""))
+                + (" persistent" if self.persistent else "")
+                + (f" {self.ctas_per_sm}/SM" if self.ctas_per_sm != 1 else ""))
 
 
 def hdim512_tile(design: str) -> TileConfig:
@@ -146,6 +163,18 @@ def fa4_smem_bytes(tile: TileConfig, head_dim: int, head_dim_v: int,
     p = 0 if tile.mma_pv_is_rs else tile.tile_m * tile.tile_n
     o = tile.tile_m * dv if own_o else 0
     return 2 * (tile.tile_m * d + tile.num_stages * tile.tile_n * (d + dv) + p + o)
+
+
+# Shared memory of one SM (an SM holds its CTAs' buffers and 1 KiB reserved per CTA)
+SM90_SM_SMEM_BYTES = 228 * 1024
+
+
+def occupancy_tile_fits(tile: TileConfig, head_dim: int, head_dim_v: int) -> bool:
+    """Whether `tile.ctas_per_sm` CTAs' FA4 buffers (fa4_smem_bytes, plus 1 KiB for the
+    pipeline barriers and 1 KiB the SM reserves, each) fit one SM."""
+    per_cta = fa4_smem_bytes(tile, head_dim, head_dim_v) + 2 * 1024
+    return (per_cta <= SM90_SMEM_BYTES
+            and tile.ctas_per_sm * per_cta <= SM90_SM_SMEM_BYTES)
 
 
 def persistent_tile(v: "ForwardVariant") -> TileConfig:
@@ -243,6 +272,11 @@ class ForwardVariant(AttentionVariant):
                 self.head_dim, self.head_dim_v, self.mask == "causal", self.mask == "local"
             )
             object.__setattr__(self, "tile", tile)
+        if self.tile.ctas_per_sm != 1 and not occupancy_tile_fits(
+                self.tile, self.head_dim, self.head_dim_v):
+            raise ValueError(f"{self.tile.ctas_per_sm} CTAs of {self.tile.describe()} at head "
+                             f"dims {self.head_dim}/{self.head_dim_v} do not fit one SM's "
+                             "shared memory")
         if self.tile.persistent and (self.q_layout != "dense" or self.has_seqused_q):
             raise ValueError("a persistent tile needs dense queries without seqused_q "
                              "(FA4 schedules the others with its varlen scheduler)")
@@ -255,9 +289,11 @@ class ForwardVariant(AttentionVariant):
                     f"{self.tile.tile_n}; use cp_async_tile")
 
     def key_extras(self) -> dict:
-        # a persistent kernel's code is in one more module
+        # a persistent or two-per-SM kernel's code is in one more module
         if self.tile.persistent:
             return {"persistent_source": kernel_source_digest(*PERSISTENT_SOURCES)}
+        if self.tile.ctas_per_sm != 1:
+            return {"occupancy_source": kernel_source_digest(*OCCUPANCY_SOURCES)}
         return {}
 
     @property

@@ -94,8 +94,10 @@ def _tensors(v: ForwardVariant, args):
     return t
 
 
-def _make_launcher(v: ForwardVariant):
-    fa = _fa4_kernel(v)
+def _make_launcher(v: ForwardVariant, fa: FlashAttentionForwardSm90 | None = None):
+    """The `@cute.jit` launcher of `v`: FA4's kernel object `fa` (default: _fa4_kernel's
+    for `v`) called on the tensors of this module's argument convention."""
+    fa = _fa4_kernel(v) if fa is None else fa
     local = v.mask == "local"
 
     @cute.jit
