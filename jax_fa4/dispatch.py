@@ -291,8 +291,9 @@ _WINDOW_CAP = 1 << 30
 def plan_varlen(c: VarlenCall) -> KernelPlan:
     """Kernel plan for packed (varlen) or paged attention, or raises Unsupported."""
     _check_common(c.dtype, c.head_dim, c.head_dim_v, c.heads_q, c.heads_k)
-    if c.batch == 0 or c.total_q == 0 or c.kv_rows == 0:
-        raise Unsupported("an empty dimension (no sequences, query rows or key rows)")
+    if c.batch == 0 or c.total_q == 0 or c.kv_rows == 0 or c.max_pages == 0:
+        raise Unsupported("an empty dimension (no sequences, query rows, key rows or "
+                          "page-table columns)")
     hd = max(c.head_dim, c.head_dim_v)
     _check_int32(query=c.total_q * c.heads_q * hd, key_value=c.kv_rows * c.heads_k * hd)
     mask = _fa_mask(*c.window)[0]

@@ -48,7 +48,7 @@ def reference_attention(q, k, v, sinks=None, *, scale, window=(None, None), soft
         visible = m_ if visible is None else (m_ & visible)
     if visible is not None:
         logits = jnp.where(visible, logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1)
+    m = jnp.max(logits, axis=-1, initial=-jnp.inf)  # a call may have no key at all (S = 0)
     if sinks is not None:
         sink = sinks.astype(jnp.float32).reshape(kh, g)[None, :, :, None]
         m = jnp.maximum(m, sink)

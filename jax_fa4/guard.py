@@ -9,7 +9,8 @@ always in bounds, and `execute.varlen` applies it before both the kernel and the
 fallback, so both compute the same thing from the same (clamped) arguments:
 
 * paged: page_table -> clip(page_table, 0, num_pages - 1);
-  seqused_k -> clip(seqused_k, 0, max_pages * page_size).
+  seqused_k -> clip(seqused_k, 0, max_pages * page_size), and 0 when the cache has
+  no pages at all (no index is in range; every query row then sees no key).
 * packed rows (cu_seqlens_q, and cu_seqlens_k of varlen_attention):
   cu -> clip(cummax(cu), 0, total_rows): non-decreasing and inside the rows (a
   sequence that starts past the last row, or before its predecessor's end, gets
@@ -52,8 +53,9 @@ def clamped_operands(kind: str, args: dict) -> dict:
     a = dict(args)
     if kind == "paged":
         pages, page_size = a["k"].shape[:2]
-        a["page_table"] = jnp.clip(a["page_table"], 0, pages - 1)
-        a["seqused_k"] = jnp.clip(a["seqused_k"], 0, a["page_table"].shape[1] * page_size)
+        a["page_table"] = jnp.clip(a["page_table"], 0, max(pages - 1, 0))
+        capacity = a["page_table"].shape[1] * page_size if pages else 0
+        a["seqused_k"] = jnp.clip(a["seqused_k"], 0, capacity)
     for side in ("q", "k"):
         if f"cu_seqlens_{side}" not in a:  # dense q, or paged keys
             continue

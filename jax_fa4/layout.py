@@ -38,7 +38,11 @@ def only_used_keys(x, len_k):
 
 
 def gather_rows(x, starts, width: int):
-    """Packed (total, ...) -> (B, width, ...) rows starts[b] + i (clamped; masked later)."""
+    """Packed (total, ...) -> (B, width, ...) rows starts[b] + i (clamped; masked later).
+    With no rows at all (total 0: an empty packed batch), zeros: every such row is
+    outside every sequence and masked."""
+    if x.shape[0] == 0:
+        return jnp.zeros((starts.shape[0], width, *x.shape[1:]), x.dtype)
     idx = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, x.shape[0] - 1)
     return x[idx]
 
@@ -68,6 +72,8 @@ def gather_pages(cache, page_table):
     """(pages, page_size, K, H) cache, (B, max_pages) table -> (B, max_pages*page_size, K, H).
     Page indices must be in range (guard.py clips them before this runs)."""
     b, mp = page_table.shape
+    if cache.shape[0] == 0:  # a cache of no pages: no key exists (guard.py sets seqused_k 0)
+        return jnp.zeros((b, mp * cache.shape[1], *cache.shape[2:]), cache.dtype)
     x = cache[page_table]
     return x.reshape(b, mp * cache.shape[1], *cache.shape[2:])
 
