@@ -214,12 +214,13 @@ def _sweep_tile(t):
 
 def sweep_variants(match=None):
     """(config, variant) pairs for --tile-sweep; also used to precompile them.  `match`:
-    a regular expression on the tile's description (TileConfig.describe); the first
-    (reference) tile of each head dim is always kept."""
+    comma-separated substrings, of which a tile's description (TileConfig.describe)
+    must hold one; the first (reference) tile of each head dim is always kept."""
     import dataclasses
-    import re
 
     from jax_fa4.kernels import ForwardVariant
+
+    parts = [m for m in (match or "").split(",") if m]
 
     out = []
     for d, tiles in SWEEP_TILES.items():
@@ -230,7 +231,7 @@ def sweep_variants(match=None):
                 base = ForwardVariant("bfloat16", d, d, 1, "causal" if causal else "none")
                 for i, t in enumerate(tiles):
                     tile = _sweep_tile(t)
-                    if i == 0 or match is None or re.search(match, tile.describe()):
+                    if i == 0 or not parts or any(m in tile.describe() for m in parts):
                         out.append((cfg, dataclasses.replace(base, tile=tile)))
     return out
 
@@ -348,9 +349,10 @@ def main():
     p.add_argument("--backends", default="jax_fa4,cudnn,xla,direct")
     p.add_argument("--tile-sweep", action="store_true",
                    help="only time alternative tiles (SWEEP_TILES) by direct launch")
-    p.add_argument("--sweep-match", metavar="REGEX",
+    p.add_argument("--sweep-match", metavar="TEXT[,TEXT]",
                    help="with --tile-sweep / --sweep-specs: only the tiles whose "
-                        "description matches (e.g. '/SM'), and each head dim's first")
+                        "description holds one of these (e.g. '/SM,1 stage'), and each "
+                        "head dim's first")
     p.add_argument("--sweep-specs", action="store_true",
                    help="print the tile sweep's variant specs, one per line (for "
                         "python -m jax_fa4.precompile --variant)")

@@ -70,7 +70,9 @@ if [[ $what == *,guard,* ]]; then
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [[ $what == *,sweep,* ]]; then
+  # SWEEP_MATCH: only the tiles whose description holds one of these (comma-separated)
   timeout ${BENCH_TIMEOUT:-3000} python3 -u benchmarks/bench_forward.py --tile-sweep \
+    ${SWEEP_MATCH:+--sweep-match "$SWEEP_MATCH"} ${SWEEP_REPS:+--reps $SWEEP_REPS} \
     --out "$OUT/tile_sweep.json" 2>&1 | tee "$OUT/tile_sweep.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi

@@ -75,7 +75,7 @@ def test_the_tile_sweep_checks_its_outputs():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     import bench_forward
 
-    tiles = {v.tile for _, v in bench_forward.sweep_variants("/SM|1 stage")}
+    tiles = {v.tile for _, v in bench_forward.sweep_variants("/SM,1 stage")}
     assert two_per_sm() in tiles and two_per_sm(64, 64, 2) in tiles
     assert TileConfig(64, 128, True, True, num_stages=1) in tiles
     assert TileConfig(128, 128, True, True) in tiles  # the reference
