@@ -99,6 +99,18 @@ def traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def head_counts(n: int, kh: int, head_dim: int, head_dim_v: int, q_name: str) -> None:
+    """Heads and head dims every function needs: at least one of each (the default
+    scale is 1/sqrt(head_dim)), and GQA's whole groups."""
+    if kh < 1:
+        raise ValueError(f"key/value must have at least one head, got {kh}")
+    if n % kh:
+        raise ValueError(f"{q_name} heads ({n}) must be a multiple of key/value heads ({kh})")
+    if head_dim < 1 or head_dim_v < 1:
+        raise ValueError(f"head dims must be >= 1, got {q_name}/key {head_dim} and value "
+                         f"{head_dim_v}")
+
+
 def attention_args(query, key, value, scale, is_causal, local_window_size, logits_soft_cap,
                    sinks_, impl):
     """`attention`'s arguments -> (q, k, v, sinks, scale, softcap, window top-left).
@@ -115,9 +127,7 @@ def attention_args(query, key, value, scale, is_causal, local_window_size, logit
         raise ValueError(f"query {q.shape} and key {k.shape} must have the same batch size")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"query head_dim {q.shape[-1]} must equal key head_dim {k.shape[-1]}")
-    n, kh = q.shape[-2], k.shape[-2]
-    if kh == 0 or n % kh:
-        raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({kh})")
+    head_counts(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], "query")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
@@ -181,9 +191,8 @@ def qkv_common(q, k, v, scale, logits_soft_cap, sinks_, impl, is_causal, local_w
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{q_name} head_dim {q.shape[-1]} must equal the keys' head_dim "
                          f"{k.shape[-1]}")
-    n, kh = q.shape[-2], k.shape[-2]
-    if kh == 0 or n % kh:
-        raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({kh})")
+    n = q.shape[-2]
+    head_counts(n, k.shape[-2], q.shape[-1], v.shape[-1], q_name)
     scale = scalar(scale, "scale")
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else scale
     softcap = scalar(logits_soft_cap, "logits_soft_cap", positive=True)

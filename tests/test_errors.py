@@ -51,7 +51,11 @@ SHAPE_ERRORS = [
     pytest.param((SDS((2, 16, 6, 64), BF16), SDS((2, 16, 4, 64), BF16), SDS((2, 16, 4, 64), BF16)),
                  ["heads", "multiple"], id="heads-not-multiple"),
     pytest.param((SDS((2, 16, 4, 64), BF16), SDS((2, 16, 0, 64), BF16), SDS((2, 16, 0, 64), BF16)),
-                 ["heads", "multiple"], id="zero-kv-heads"),
+                 ["key/value", "at least one head"], id="zero-kv-heads"),
+    # the default scale is 1/sqrt(head_dim): a ZeroDivisionError before 2026-12-08
+    pytest.param((SDS((2, 16, 4, 0), BF16),) * 3, ["head dims", ">= 1"], id="zero-head-dim"),
+    pytest.param((SDS((2, 16, 4, 64), BF16), SDS((2, 16, 4, 64), BF16), SDS((2, 16, 4, 0), BF16)),
+                 ["head dims", ">= 1", "value 0"], id="zero-value-head-dim"),
     pytest.param((SDS((2, 16, 4, 64), BF16), SDS((2, 16, 2, 64), jnp.float16),
                   SDS((2, 16, 2, 64), BF16)), ["dtype"], id="dtype-mismatch"),
     pytest.param((SDS((2, 16, 4, 64), jnp.int32),) * 3, ["floating"], id="integer-dtype"),
@@ -246,3 +250,22 @@ def test_non_bool_mask_is_rejected_like_jax_nn(dtype):
             jax_fa4.attention(q, q, q, mask=mask, **kw)
     with pytest.raises(ValueError, match="mask dtype should be bool"):
         jax_fa4.explain(q, q, q, mask=mask)
+
+
+@pytest.mark.parametrize("what", ["head_dim", "value_head_dim", "kv_heads"])
+@pytest.mark.parametrize("fn", ["varlen_attention", "paged_attention"])
+def test_zero_heads_and_head_dims_in_varlen_and_paged(fn, what):
+    """Zero key/value heads or a zero head dim: ValueError at trace time (a zero head
+    dim was a ZeroDivisionError in the default scale before 2026-12-08)."""
+    h, hv, kh = {"head_dim": (0, 0, 2), "value_head_dim": (64, 0, 2), "kv_heads": (64, 64, 0)}[what]
+    i32 = lambda *s: SDS(s, jnp.int32)  # noqa: E731
+    if fn == "varlen_attention":
+        args = (SDS((16, 4, h), BF16), SDS((16, kh, h), BF16), SDS((16, kh, hv), BF16),
+                i32(3), i32(3))
+        f = functools.partial(jax_fa4.varlen_attention, max_seqlen_q=8, max_seqlen_k=8)
+    else:
+        args = (SDS((2, 1, 4, h), BF16), SDS((4, 16, kh, h), BF16), SDS((4, 16, kh, hv), BF16),
+                i32(2, 2), i32(2))
+        f = jax_fa4.paged_attention
+    with pytest.raises(ValueError, match="head dims must be >= 1|at least one head"):
+        jax.jit(f).trace(*args)
