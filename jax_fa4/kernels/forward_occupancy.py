@@ -22,8 +22,7 @@ What changes against FA4's kernel (only this):
 Shared memory is the tile's business (config.occupancy_tile_fits): 64 x 128 with one
 K/V stage (80 KiB) or 64 x 64 with two (80 KiB) at head dim 128.
 """
-import cutlass  # noqa: F401  (forward first would be fine too: it sets CUTE_DSL_ARCH)
-
+# forward first: it sets CUTE_DSL_ARCH before cutlass is imported.
 from . import forward
 from .config import ForwardVariant
 
