@@ -140,15 +140,40 @@ def mapped_axis_first(x, d, size):
 
 
 def _batch(args, dims, *, params: FwdParams):
-    """vmap rule: one kernel launch for the whole mapped batch."""
+    """vmap rule: one kernel launch for the whole mapped batch, except where sinks are
+    mapped together with what folds into batch (they are per head): one call per map
+    entry then."""
+    names = [n for n, _ in operands(params.plan.variant)]
+    d = dict(zip(names, dims))
+    sinks_mapped = d.get("sinks") is not None
+    if sinks_mapped and (params.kind != "dense" or any(
+            d.get(n) is not None for n in ("seqused_q", "seqused_k"))):
+        return _batch_per_entry(args, dims, params)
     if params.kind != "dense":
         return _batch_varlen(args, dims, params)
     return _batch_dense(args, dims, params)
 
 
+def _batch_per_entry(args, dims, params: FwdParams):
+    """One call per map entry (lax.map: one custom call in a loop), as the backward's
+    rule does for its sinks: for the mappings no single launch expresses.  Unmapped
+    operands (a shared page pool) are passed as they are, never broadcast."""
+    mapped = [i for i, d in enumerate(dims) if d is not None]
+
+    def one(xs):
+        full = list(args)
+        for i, x in zip(mapped, xs):
+            full[i] = x
+        return tuple(fa4_fwd_p.bind(*full, params=params))
+
+    o, lse = jax.lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped])
+    return (o, lse), (0, 0)
+
+
 def _batch_dense(args, dims, params: FwdParams):
     """Dense: fold the mapped axis into batch (with the sequence lengths), or into heads
-    when sinks are mapped (sinks are per head; lengths must then be unmapped)."""
+    when sinks are mapped (sinks are per head; _batch sends mapped sinks with mapped
+    lengths to _batch_per_entry)."""
     names = [n for n, _ in operands(params.plan.variant)]
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     front = functools.partial(mapped_axis_first, size=size)
@@ -165,8 +190,6 @@ def _batch_dense(args, dims, params: FwdParams):
         o, lse = fa4_forward(out, params)
         return (o.reshape((size, -1) + o.shape[1:]),
                 lse.reshape((size, -1) + lse.shape[1:])), (0, 0)
-    if any(d[n] is not None for n in lengths):
-        raise NotImplementedError("jax_fa4: vmap over both sinks and sequence lengths")
     # (V, B, T, N, H) -> (B, T, V*N, H): head v*N + n still maps to kv head v*K + n//G.
     heads = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (-1, x.shape[-1]))  # noqa: E731
     out = dict(q=heads(q), k=heads(k), v=heads(v), sinks=front(a["sinks"], d["sinks"]).reshape(-1))
@@ -194,8 +217,6 @@ def _batch_varlen(args, dims, params: FwdParams):
     the page tables shifted accordingly."""
     v = params.plan.variant
     names = [n for n, _ in operands(v)]
-    if "sinks" in names and dims[names.index("sinks")] is not None:
-        raise NotImplementedError("jax_fa4: vmap over sinks of varlen/paged attention")
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     a = {n: mapped_axis_first(x, d, size)
          for n, x, d in zip(names, args, dims) if n != "sinks"}

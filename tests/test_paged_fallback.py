@@ -191,6 +191,28 @@ def test_vmap_varlen_and_paged_lower_to_one_custom_call():
     assert "tensor<12x16x2x64xbf16>" in text  # the shared pool is not copied per map entry
 
 
+@requires_compiler
+@pytest.mark.compile
+def test_vmap_over_sinks_of_paged_lowers_to_one_call_per_entry():
+    """Mapped sinks of a paged call (a NotImplementedError before 2026-12-08): one
+    custom call inside a loop over the map entries, the shared pool passed once."""
+    q, kc, vc, pt, used = _paged_batch(np.random.default_rng(1))
+    sinks = jnp.asarray(np.random.default_rng(2).standard_normal((q.shape[0], q.shape[-2])),
+                        jnp.float32)
+    g = lambda q, kc, vc, pt, u, s: jax_fa4.paged_attention(  # noqa: E731
+        q, kc, vc, pt, u, is_causal=True, sinks=s)
+    mapped = jax.jit(jax.vmap(g, in_axes=(0, None, None, 0, 0, 0)))
+    text = mapped.trace(q, kc[0], vc[0], pt, used, sinks).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("@jax_fa4_cute_call") == 1 and "stablehlo.while" in text
+    assert "tensor<12x16x2x64xbf16>" in text  # the shared pool is not copied per map entry
+    got = mapped(q, kc[0], vc[0], pt, used, sinks)  # on this host: the pure-JAX path
+    for i in range(q.shape[0]):
+        want = g(q[i], kc[0], vc[0], pt[i], used[i], sinks[i])
+        np.testing.assert_allclose(np.asarray(got[i], np.float32), np.asarray(want, np.float32),
+                                   rtol=1e-2, atol=1e-2)
+
+
 def test_donated_cache_update_is_in_place():
     """With donated caches the compiled update aliases them to its outputs and copies
     no cache-sized buffer."""
