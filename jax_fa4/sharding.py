@@ -223,16 +223,34 @@ _SDY_OTHER = {
 }
 
 
-def shardy_rule(params, num_operands: int | None = None) -> tuple[str, dict]:
+def _query_heads_factor(g: int, kv_heads: int | None) -> str:
+    """Shardy's factor of the query-head dimension: the compound (k g), so query heads
+    shard with their KV head k; just k without GQA; with a single KV head a factor of
+    its own, `n`, which needs replication -- Shardy refuses a compound factor with a
+    size-1 part ("dim mapping can't have a factor of size 1 if there are multiple
+    factors"), and one KV head cannot carry a split of the query heads."""
+    if g == 1:
+        return "k"
+    return "n" if kv_heads == 1 else "(k g)"
+
+
+def _kv_heads(value_types) -> int:
+    """KV heads of a call from its operand types (k is operand 1 in every layout; its
+    heads are the next-to-last dimension)."""
+    return mlir.ir.RankedTensorType(value_types[1]).shape[-2]
+
+
+def shardy_rule(params, num_operands: int | None = None, *,
+                kv_heads: int | None = None) -> tuple[str, dict]:
     """Shardy's rule for a forward call with parameters `params` (a FwdParams):
     einsum-like string and factor options.  Query heads are the compound factor (k g)
-    so they shard with the KV heads k; every other factor but the batch b needs
-    replication.  Where the batch cannot be split (packed k/v, or
-    packed q, whose rows mix sequences) it needs replication too."""
+    so they shard with the KV heads k (see _query_heads_factor for one KV head); every
+    other factor but the batch b needs replication.  Where the batch cannot be split
+    (packed k/v, or packed q, whose rows mix sequences) it needs replication too."""
     del num_operands  # implied by the variant
     v = params.plan.variant
     g = v.qhead_per_kvhead
-    n = "(k g)" if g > 1 else "k"
+    n = _query_heads_factor(g, kv_heads)
     paged = v.kv_layout == "paged"
     terms = []
     for name, rank in operands(v):
@@ -250,14 +268,14 @@ def shardy_rule(params, num_operands: int | None = None) -> tuple[str, dict]:
     keep = {"k", "g"} | ({"b"} if dense_q and v.kv_layout != "packed" else set())
     opts = dict(need_replication_factors=tuple(dict.fromkeys(
         f for f in factors if f not in keep)))
-    if g > 1:
+    if "g" in factors:
         opts["g"] = g
     return rule, opts
 
 
 def _sdy_rule(call: _Call, mesh, value_types, result_types):
-    del mesh, value_types, result_types
-    return shardy_rule(call.params)
+    del mesh, result_types
+    return shardy_rule(call.params, kv_heads=_kv_heads(value_types))
 
 
 _partitioned.def_partition(
@@ -286,28 +304,35 @@ def _bwd_partition(call: _Call, mesh, arg_shapes, result_shape):
     return mesh, per_shard, _named(mesh, outs), _named(mesh, ops)
 
 
-def backward_shardy_rule(params, num_operands: int | None = None) -> tuple[str, dict]:
+def backward_shardy_rule(params, num_operands: int | None = None, *,
+                         kv_heads: int | None = None) -> tuple[str, dict]:
     """Shardy's rule for a backward call with parameters `params` (a BwdParams; see
     shardy_rule); d_sinks has no batch factor (the per-shard function sums it over
     the batch shards)."""
     del num_operands  # implied by the variant
     v = params.plan.variant
     g = v.qhead_per_kvhead
-    n = "(k g)" if g > 1 else "k"
+    n = _query_heads_factor(g, kv_heads)
     sinks = [n] if v.has_sinks else []
     ops = [f"b t {n} h", "b s k h", "b s k d", f"b t {n} d", f"b t {n} d", f"b {n} t",
            f"b {n} t"] + sinks
     outs = [f"b t {n} h", "b s k h", "b s k d"] + sinks
-    opts = dict(need_replication_factors=("t", "h", "s", "d"))
-    if g > 1:
+    rule = ", ".join(ops) + " -> " + ", ".join(outs)
+    replicated = {"t", "h", "s", "d", "n"}
+    # Shardy wants the special factors in the order the rule first names them.
+    factors = rule.replace(",", " ").replace("->", " ").replace("(", " ").replace(")", " ")
+    opts = dict(need_replication_factors=tuple(dict.fromkeys(
+        f for f in factors.split() if f in replicated)))
+    if n == "(k g)":
         opts["g"] = g
-    return ", ".join(ops) + " -> " + ", ".join(outs), opts
+    return rule, opts
 
 
 _bwd_partitioned.def_partition(
     partition=_bwd_partition,
     infer_sharding_from_operands=_bwd_infer,
-    sharding_rule=lambda call, mesh, values, results: backward_shardy_rule(call.params),
+    sharding_rule=lambda call, mesh, values, results: backward_shardy_rule(
+        call.params, kv_heads=_kv_heads(values)),
 )
 
 

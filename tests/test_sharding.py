@@ -369,6 +369,36 @@ def test_grad_and_vmap_under_sharding(partitioner):
     assert vm["partitions"][-1]["ops"][0] == "P('data', None, 'model', None)"
 
 
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_one_kv_head_shards_over_the_batch(partitioner):
+    """GQA with a single KV head (MQA), batch-sharded, forward and gradients: Shardy
+    refused the rule's compound query-head factor (k g) with k of size 1 ("dim mapping
+    can't have a factor of size 1 if there are multiple factors") until 2026-12-08; the
+    query heads are now a factor of their own (replicated), and the batch still splits."""
+    res = run_devices("""
+        res = {}
+        m = mesh((8,), ("data",))
+        q, k, v, s = inputs(8, 33, 6, 1)
+        f = lambda q, k, v, s: jax_fa4.attention(q, k, v, is_causal=True, sinks=s,
+                                                 return_lse=True)
+        res["fwd"] = check(f, (q, k, v, s), [put(x, m, P("data")) for x in (q, k, v)]
+                           + [put(s, m, P())])
+        def loss(q, k, v):
+            return jnp.sum(jax_fa4.attention(q, k, v, is_causal=True).astype(jnp.float32) ** 2)
+        vg = jax.value_and_grad(loss, argnums=(0, 1, 2))
+        res["grad"] = check(vg, (q, k, v), [put(x, m, P("data")) for x in (q, k, v)])
+        res["grad"]["scale"] = max(float(jnp.max(jnp.abs(g.astype(jnp.float32))))
+                                   for g in jax.tree.leaves(jax.jit(vg)(q, k, v)))
+        print(json.dumps(res))
+    """, partitioner=partitioner)
+    fwd, grad = res["fwd"], res["grad"]
+    assert fwd["custom_partitioning"] == 1 and fwd["err"] == 0.0, fwd
+    assert fwd["collectives"] == [] and fwd["entry_shapes"][0] == "bf16[1,33,6,64]", fwd
+    # (the loss itself is summed over the batch shards: an all-reduce of one scalar)
+    assert grad["custom_partitioning"] == 2 and "all-gather" not in grad["collectives"], grad
+    assert grad["err"] <= 2 * 2.0 ** -8 * grad["scale"], grad  # bf16 rounding, summed shards
+
+
 def test_shard_map_runs_attention_per_shard():
     """Inside shard_map the primitive sees per-shard shapes and needs no rule."""
     res = run_devices("""
