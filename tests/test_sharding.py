@@ -399,6 +399,56 @@ def test_one_kv_head_shards_over_the_batch(partitioner):
     assert grad["err"] <= 2 * 2.0 ** -8 * grad["scale"], grad  # bf16 rounding, summed shards
 
 
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_fuzz_calls_shard_like_unsharded(partitioner):
+    """The GPU fuzz's smallest calls (tests/gpu_cases_fuzz.py, the run's seed; dense,
+    varlen and paged with windows, softcap, sinks, GQA 1-16) on a 2-device mesh, their
+    batch and (where the KV heads split) their heads sharded: the same outputs and LSE
+    as unsharded.  Such a fuzz found the one-KV-head Shardy failure above."""
+    res = run_devices("""
+        import functools, sys
+        sys.path.insert(0, TESTS_DIR)
+        import gpu_cases_fuzz as g, test_gpu_fuzz as fz
+        from test_fuzz_fallback import _work
+        m = mesh((2,), ("x",))
+        runs, bad = 0, []
+        for c in [c for c in g.CALLS if _work(c) <= 5e4]:
+            a, s, _ = fz._inputs(c)
+            fn = c.get("fn", "attention")
+            f = jax.jit(functools.partial(fz._api(c), return_lse=True, sinks=s, **fz._kwargs(c)))
+            qn = "query" if fn == "attention" else "q"
+            kn = {"attention": ("key", "value"), "varlen_attention": ("k", "v"),
+                  "paged_attention": ("k_cache", "v_cache")}[fn]
+            batch = {"attention": (qn,) + kn + ("query_seq_lengths", "key_value_seq_lengths"),
+                     "paged_attention": (qn, "page_table", "seqused_k")}.get(fn, ())
+            modes = [mode for mode, ok in (
+                ("heads", a[kn[0]].shape[-2] % 2 == 0),
+                ("batch", bool(batch) and a[qn].ndim == 4 and a[qn].shape[0] % 2 == 0)) if ok]
+            for mode in modes:
+                ref = f(**a)
+                b = {}
+                for name, x in a.items():
+                    spec = [None] * np.ndim(x)
+                    if mode == "heads" and name in (qn,) + kn:
+                        spec[-2] = "x"
+                    if mode == "batch" and name in batch:
+                        spec[0] = "x"
+                    b[name] = put(jnp.asarray(x), m, P(*spec))
+                got = f(**b)
+                runs += 1
+                for r, o in zip(ref, got):
+                    r, o = np.asarray(r, np.float32), np.asarray(o, np.float32)
+                    fin = np.isfinite(r)
+                    if not (np.array_equal(fin, np.isfinite(o))
+                            and np.allclose(r[fin], o[fin], rtol=1e-2, atol=1e-2)):
+                        bad.append((c["_id"], mode))
+        print(json.dumps(dict(runs=runs, bad=bad)))
+    """.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__)))),
+        partitioner=partitioner)
+    assert res["runs"] >= 10, res
+    assert res["bad"] == [], res
+
+
 def test_shard_map_runs_attention_per_shard():
     """Inside shard_map the primitive sees per-shard shapes and needs no rule."""
     res = run_devices("""
