@@ -92,6 +92,15 @@ class DirectLauncher:
             self.fns[variant.symbol] = fn
         return self.fns[variant.symbol]
 
+    def time_attention(self, plan, scale, q, k, v, reps):
+        """Seconds per launch of `plan`'s kernel on dense q, k, v, and its output (O
+        starts as NaN, so an unwritten element shows; written in place by the launch)."""
+        b, s, h = q.shape[:3]
+        o = jnp.full((b, s, h, v.shape[-1]), jnp.nan, q.dtype)
+        lse = jnp.zeros((b, h, s), jnp.float32)
+        jax.block_until_ready((q, k, v, o, lse))
+        return self.time(plan, scale, [q, k, v, o, lse], reps), o
+
     def time(self, plan, scale, buffers, reps, warmup=3):
         fn = self.function(plan.variant)
         stream = ctypes.c_void_p(0)  # legacy default stream; JAX work is finished first
@@ -151,12 +160,8 @@ def bench_one(cfg, direct, reps, backends, xla_cap_bytes=30e9):
 def _time_backend(res, name, base, q, k, v, scale, causal, fl, direct, reps, xla_cap_bytes):
     b, s, h, d = q.shape
     if base == "direct":
-        plan = kernel_plan(q, k, v, is_causal=causal)
-        o = jnp.zeros((b, s, h, d), q.dtype)
-        lse = jnp.zeros((b, h, s), jnp.float32)
-        jax.block_until_ready((q, k, v, o, lse))
-        t = direct.time(plan, scale, [q, k, v, o, lse], reps)
-        out = o  # written in place by the launch
+        t, out = direct.time_attention(kernel_plan(q, k, v, is_causal=causal), scale, q, k, v,
+                                       reps)
     else:
         if base == "xla" and b * h * s * s * 4 * 3 > xla_cap_bytes:
             raise MemoryError(f"XLA would materialize a >{xla_cap_bytes / 1e9:.0f} GB "
@@ -247,14 +252,12 @@ def tile_sweep(direct, reps, match=None):
         b, s, h, d, causal = (cfg[k] for k in ("b", "s", "h", "d", "causal"))
         key = jax.random.split(jax.random.PRNGKey(0), 3)
         q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in key)
-        o = jnp.full((b, s, h, d), jnp.nan, jnp.bfloat16)  # unwritten elements stay NaN
-        lse = jnp.zeros((b, h, s), jnp.float32)
-        jax.block_until_ready((q, k, v, o, lse))
         t, err = variant.tile, None
         try:
-            sec = direct.time(KernelPlan(variant, 0, 0), 1 / math.sqrt(d), [q, k, v, o, lse], reps)
+            sec, out = direct.time_attention(KernelPlan(variant, 0, 0), 1 / math.sqrt(d),
+                                             q, k, v, reps)
             tf = flops(b, h, s, s, d, causal) / sec / 1e12
-            out = o.astype(jnp.float32)  # written in place by the launches
+            out = out.astype(jnp.float32)
             first = ref.setdefault(json.dumps(cfg, sort_keys=True), out)
             err = float(jnp.linalg.norm(out - first) / jnp.linalg.norm(first))
         except Exception as e:  # a tile that does not fit or fails to load

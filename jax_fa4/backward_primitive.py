@@ -25,7 +25,7 @@ from .dispatch import BackwardPlan, Unsupported, plan_backward
 from .ffi_target import TARGET, call_attributes, ensure_registered
 from .kernels.backward_abi import (gradient_names, operands, size_dims, workspace_dtype,
                                    workspace_shapes)
-from .forward_primitive import FwdParams, kernel_object, mapped_axis_first
+from .forward_primitive import FwdParams, kernel_object, mapped_axis_first, per_map_entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,13 +142,13 @@ def _batch(args, dims, *, params: BwdParams):
     """vmap rule: dense calls without sinks fold the mapped axis into batch (one
     launch); the rest run one call per mapped element (d_sinks sums over the batch)."""
     v = params.plan.variant
+    if v.layout != "dense" or v.has_sinks:
+        outs, out_dims = per_map_entry(fa4_bwd_p, args, dims, params)
+        return list(outs), list(out_dims)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     front = [mapped_axis_first(a, d, size) for a, d in zip(args, dims)]
-    if v.layout == "dense" and not v.has_sinks:
-        outs = fa4_bwd_p.bind(*(x.reshape((-1,) + x.shape[2:]) for x in front), params=params)
-        return [x.reshape((size, -1) + x.shape[1:]) for x in outs], [0] * len(outs)
-    outs = jax.lax.map(lambda xs: fa4_bwd_p.bind(*xs, params=params), front)
-    return list(outs), [0] * len(outs)
+    outs = fa4_bwd_p.bind(*(x.reshape((-1,) + x.shape[2:]) for x in front), params=params)
+    return [x.reshape((size, -1) + x.shape[1:]) for x in outs], [0] * len(outs)
 
 
 # ----------------------------------------------------------------------------

@@ -148,32 +148,33 @@ def _batch(args, dims, *, params: FwdParams):
     sinks_mapped = d.get("sinks") is not None
     if sinks_mapped and (params.kind != "dense" or any(
             d.get(n) is not None for n in ("seqused_q", "seqused_k"))):
-        return _batch_per_entry(args, dims, params)
+        return per_map_entry(fa4_fwd_p, args, dims, params)
     if params.kind != "dense":
         return _batch_varlen(args, dims, params)
     return _batch_dense(args, dims, params)
 
 
-def _batch_per_entry(args, dims, params: FwdParams):
-    """One call per map entry (lax.map: one custom call in a loop), as the backward's
-    rule does for its sinks: for the mappings no single launch expresses.  Unmapped
-    operands (a shared page pool) are passed as they are, never broadcast."""
+def per_map_entry(primitive, args, dims, params):
+    """The vmap rule for mappings no single launch expresses (the forward's and the
+    backward's): one call of `primitive` per map entry (lax.map: one custom call in a
+    loop).  Unmapped operands (a shared page pool) are passed as they are, never
+    broadcast.  Returns (outputs, out_dims) as a batching rule does."""
     mapped = [i for i, d in enumerate(dims) if d is not None]
 
     def one(xs):
         full = list(args)
         for i, x in zip(mapped, xs):
             full[i] = x
-        return tuple(fa4_fwd_p.bind(*full, params=params))
+        return tuple(primitive.bind(*full, params=params))
 
-    o, lse = jax.lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped])
-    return (o, lse), (0, 0)
+    outs = jax.lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped])
+    return outs, (0,) * len(outs)
 
 
 def _batch_dense(args, dims, params: FwdParams):
     """Dense: fold the mapped axis into batch (with the sequence lengths), or into heads
     when sinks are mapped (sinks are per head; _batch sends mapped sinks with mapped
-    lengths to _batch_per_entry)."""
+    lengths to per_map_entry)."""
     names = [n for n, _ in operands(params.plan.variant)]
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     front = functools.partial(mapped_axis_first, size=size)

@@ -262,15 +262,20 @@ def shardy_rule(params, num_operands: int | None = None, *,
     out = f"b t {n} d" if dense_q else f"r {n} d"
     lse = f"b {n} t" if dense_q else f"{n} r"
     rule = ", ".join(terms) + f" -> {out}, {lse}"
-    # Shardy wants the special factors in the order the rule first names them.
-    factors = [f for f in rule.replace(",", " ").replace("->", " ").replace("(", " ")
-               .replace(")", " ").split()]
     keep = {"k", "g"} | ({"b"} if dense_q and v.kv_layout != "packed" else set())
-    opts = dict(need_replication_factors=tuple(dict.fromkeys(
-        f for f in factors if f not in keep)))
+    return rule, _rule_options(rule, lambda f: f not in keep, g)
+
+
+def _rule_options(rule: str, replicated, g: int) -> dict:
+    """Factor options of an einsum-like Shardy `rule`: the factors `replicated(f)` names
+    need replication, listed in the order the rule first names them (Shardy wants the
+    special factors sorted so); `g`'s size where the rule has the compound (k g)."""
+    factors = list(dict.fromkeys(
+        rule.replace(",", " ").replace("->", " ").replace("(", " ").replace(")", " ").split()))
+    opts = dict(need_replication_factors=tuple(f for f in factors if replicated(f)))
     if "g" in factors:
         opts["g"] = g
-    return rule, opts
+    return opts
 
 
 def _sdy_rule(call: _Call, mesh, value_types, result_types):
@@ -318,14 +323,7 @@ def backward_shardy_rule(params, num_operands: int | None = None, *,
            f"b {n} t"] + sinks
     outs = [f"b t {n} h", "b s k h", "b s k d"] + sinks
     rule = ", ".join(ops) + " -> " + ", ".join(outs)
-    replicated = {"t", "h", "s", "d", "n"}
-    # Shardy wants the special factors in the order the rule first names them.
-    factors = rule.replace(",", " ").replace("->", " ").replace("(", " ").replace(")", " ")
-    opts = dict(need_replication_factors=tuple(dict.fromkeys(
-        f for f in factors.split() if f in replicated)))
-    if n == "(k g)":
-        opts["g"] = g
-    return rule, opts
+    return rule, _rule_options(rule, {"t", "h", "s", "d", "n"}.__contains__, g)
 
 
 _bwd_partitioned.def_partition(

@@ -75,7 +75,8 @@ def _mask(v) -> str:
 def _tile(t) -> str:
     return (f"{t.tile_m}x{t.tile_n}{'rs' if t.mma_pv_is_rs else ''}s{t.num_stages}"
             + ("" if t.design == "fa4" else f"-{t.design}")
-            + ("-persistent" if t.persistent else ""))
+            + ("-persistent" if t.persistent else "")
+            + (f"-{t.ctas_per_sm}persm" if t.ctas_per_sm != 1 else ""))
 
 
 def forward_classes(plan) -> set[tuple]:

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -17,6 +16,7 @@ from jax_fa4.dispatch import DenseCall, plan_dense
 from jax_fa4.kernels import ForwardVariant, TileConfig, config
 
 sys.path.insert(0, os.path.dirname(__file__))
+from kernel_dump import kernel_dumps  # noqa: E402
 from test_lowering import compiles  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -82,17 +82,6 @@ def test_the_tile_sweep_checks_its_outputs():
     assert "rel_err_vs_first_tile" in open(bench_forward.__file__).read()
 
 
-_PTX_CODE = """
-    import sys
-    from jax_fa4.kernels import ForwardVariant, TileConfig, compile as kc
-    tn, stages = int(sys.argv[1]), int(sys.argv[2])
-    v = ForwardVariant("bfloat16", 128, 128, 1, mask="causal",
-                       tile=TileConfig(64, tn, True, True, num_stages=stages, ctas_per_sm=2))
-    with kc.target_sm90():
-        kc._compiler_for(v)(v)
-"""
-
-
 def _ptxas():
     """ptxas from CUDA or Triton's wheel (jax_fa4[compile] installs it), or None."""
     try:
@@ -107,12 +96,8 @@ def _ptxas():
 @compiles
 @pytest.mark.parametrize("tn,stages", [(128, 1), (64, 2)])
 def test_compiled_kernel_asks_for_two_ctas_per_sm(tmp_path, tn, stages):
-    env = dict(os.environ, CUTE_DSL_DUMP_DIR=str(tmp_path), CUTE_DSL_KEEP_PTX="1")
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_PTX_CODE), str(tn), str(stages)],
-                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    (ptx_file,) = tmp_path.glob("*.ptx")
-    ptx = ptx_file.read_text()
+    v = ForwardVariant("bfloat16", 128, 128, 1, mask="causal", tile=two_per_sm(64, tn, stages))
+    (ptx,) = kernel_dumps(tmp_path, v)
     assert re.search(r"\.minnctapersm 2\b", ptx)
     assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40;", ptx)
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+216;", ptx)

@@ -16,6 +16,7 @@ from jax_fa4.dispatch import DenseCall, VarlenCall, plan_dense, plan_varlen
 from jax_fa4.kernels import ForwardVariant, TileConfig, config
 
 sys.path.insert(0, os.path.dirname(__file__))
+from kernel_dump import kernel_dumps  # noqa: E402
 from test_lowering import _own_kernel_cache, attn, compiles, lower, one_call  # noqa: E402,F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -99,32 +100,15 @@ def test_compiles_and_lowers_under_its_own_symbol():
     assert len(call.object) > 10_000
 
 
-_PTX_CODE = """
-    import dataclasses, sys
-    from jax_fa4.kernels import ForwardVariant, compile as kc
-    v = ForwardVariant("bfloat16", 128, 128, 1, mask="causal")
-    if sys.argv[1] == "persistent":
-        v = dataclasses.replace(v, tile=dataclasses.replace(v.tile, persistent=True))
-    with kc.target_sm90():
-        kc._compiler_for(v)(v)
-"""
-
-
 def _kernel_dump(tmp_path, kind, what="PTX"):
     """CuTe DSL's dump (what: PTX or IR, the MLIR) of the hdim-128 causal forward, plain
     or persistent."""
-    import subprocess
-    import textwrap
-
-    out = tmp_path / f"{kind}_{what}"
-    out.mkdir()
-    env = dict(os.environ, CUTE_DSL_DUMP_DIR=str(out), **{f"CUTE_DSL_KEEP_{what}": "1"})
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_PTX_CODE), kind], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    dump = list(out.glob("*.ptx" if what == "PTX" else "*.mlir"))
-    assert len(dump) == 1, dump
-    return dump[0].read_text()
+    v = ForwardVariant("bfloat16", 128, 128, 1, mask="causal")
+    if kind == "persistent":
+        v = dataclasses.replace(v, tile=dataclasses.replace(v.tile, persistent=True))
+    dump = kernel_dumps(tmp_path, v, what)
+    assert len(dump) == 1, len(dump)
+    return dump[0]
 
 
 @compiles

@@ -35,6 +35,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.usefixtures("poisoned_outputs")]
 
 CALLS = gpu_cases_fuzz.CALLS
+# Each function's query, key and value arguments
+OPERANDS = {"attention": ("query", "key", "value"), "varlen_attention": ("q", "k", "v"),
+            "paged_attention": ("q", "k_cache", "v_cache")}
 _REPORT = {"seed": gpu_cases_fuzz.SEED, "n": len(CALLS), "paths": collections.Counter(),
            "refused": [], "worst": {}, "failed": []}
 
@@ -130,9 +133,7 @@ def _kwargs(c):
 
 def _reference(c, a, sinks, jobs, out_shape, lse_shape):
     fn = c.get("fn", "attention")
-    names = {"attention": ("query", "key", "value"), "varlen_attention": ("q", "k", "v"),
-             "paged_attention": ("q", "k_cache", "v_cache")}[fn]
-    q, k, v = (_f64(a[n]) for n in names)
+    q, k, v = (_f64(a[n]) for n in OPERANDS[fn])
     kf, vf = k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:])
     scale = c.get("scale", 1 / np.sqrt(q.shape[-1]))
     s64 = None if sinks is None else np.asarray(sinks, np.float64)
@@ -191,7 +192,7 @@ def test_fuzz_call(case):
 
 def _check_grads(c, a, sinks, jobs, kw):
     fn = c.get("fn", "attention")
-    names = ("query", "key", "value") if fn == "attention" else ("q", "k", "v")
+    names = OPERANDS[fn]
     q, k, v = (a[n] for n in names)
     rest = {n: x for n, x in a.items() if n not in names}
     rng = np.random.default_rng(c["_seed"] + 1)

@@ -61,6 +61,18 @@ def test_persistent_forward_is_covered_too():
     assert not missing, "\n".join(f"  {c}  e.g. {reach[c]}" for c in missing[:20])
 
 
+def test_two_ctas_per_sm_is_never_planned(reach):
+    """TileConfig.ctas_per_sm = 2 (kernels/forward_occupancy.py) is a tile-sweep
+    candidate only: no GPU matrix case runs it, so no reachable class may use it (with
+    the persistent switch on as well)."""
+    from jax_fa4.kernels import config
+
+    with config.use_forward_persistent(True):
+        reach_persistent = plan_space.reachable()
+    for r in (reach, reach_persistent):
+        assert not [c for c in r if "persm" in str(c)]
+
+
 def test_space_is_walked(reach):
     """The walk reaches every path, split kind and the head-dim-512 design."""
     kinds = {c[1:4] for c in reach if c[0] == "structure"}

@@ -416,9 +416,8 @@ def test_fuzz_calls_shard_like_unsharded(partitioner):
             a, s, _ = fz._inputs(c)
             fn = c.get("fn", "attention")
             f = jax.jit(functools.partial(fz._api(c), return_lse=True, sinks=s, **fz._kwargs(c)))
-            qn = "query" if fn == "attention" else "q"
-            kn = {"attention": ("key", "value"), "varlen_attention": ("k", "v"),
-                  "paged_attention": ("k_cache", "v_cache")}[fn]
+            qn, *kn = fz.OPERANDS[fn]
+            kn = tuple(kn)
             batch = {"attention": (qn,) + kn + ("query_seq_lengths", "key_value_seq_lengths"),
                      "paged_attention": (qn, "page_table", "seqused_k")}.get(fn, ())
             modes = [mode for mode, ok in (

@@ -485,19 +485,6 @@ def test_the_plan_owns_the_split_kernel(monkeypatch):
         assert getattr(_paged_plan(128, 64, num_splits=8).kernel_variant, field) != value
 
 
-_FUSED_PTX = """
-    import sys
-    sys.path.insert(0, "tests")
-    from test_split_kv import _paged_plan
-    from jax_fa4.kernels import compile as kc, split
-    with split.use_plan("issue18f"):
-        sv = _paged_plan(128, 64, num_splits=16).kernel_variant
-    assert sv.combine == "fused"
-    with kc.target_sm90():
-        kc._compiler_for(sv)(sv)
-"""
-
-
 @pytest.mark.compile
 @pytest.mark.skipif(not has_compiler(), reason="needs jax_fa4[compile]")
 def test_fused_merge_issues_a_chunk_of_loads_before_any_exp(tmp_path):
@@ -506,18 +493,13 @@ def test_fused_merge_issues_a_chunk_of_loads_before_any_exp(tmp_path):
     (each split's LSE and MERGE_COLS partial-O values) comes before the first exp, so
     the chunk is one L2 round trip (Nsight Compute: the two-pass merge it replaced spent
     ~9,000 cycles in ~8 dependent round trips)."""
-    import subprocess
-    import sys
-    import textwrap
-
     from jax_fa4.kernels.forward_split_fused import MERGE_CHUNK, MERGE_COLS
+    from kernel_dump import kernel_dumps
 
-    env = dict(os.environ, CUTE_DSL_KEEP_PTX="1", CUTE_DSL_DUMP_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_FUSED_PTX)], env=env,
-                       capture_output=True, text=True, timeout=600,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert r.returncode == 0, r.stderr[-2000:]
-    ptx = "\n".join(p.read_text() for p in tmp_path.glob("*.ptx"))
+    with split.use_plan("issue18f"):
+        sv = _paged_plan(128, 64, num_splits=16).kernel_variant
+    assert sv.combine == "fused"
+    ptx = "\n".join(kernel_dumps(tmp_path, sv))
     merge = ptx[ptx.index("atom.global.acq_rel"):]
     first_exp = merge.index("ex2.approx")
     loads = len(re.findall(r"\bld\.global", merge[:first_exp]))

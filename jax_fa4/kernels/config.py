@@ -170,11 +170,10 @@ SM90_SM_SMEM_BYTES = 228 * 1024
 
 
 def occupancy_tile_fits(tile: TileConfig, head_dim: int, head_dim_v: int) -> bool:
-    """Whether `tile.ctas_per_sm` CTAs' FA4 buffers (fa4_smem_bytes, plus 1 KiB for the
-    pipeline barriers and 1 KiB the SM reserves, each) fit one SM."""
+    """Whether `tile.ctas_per_sm` (2) CTAs' FA4 buffers (fa4_smem_bytes, plus 1 KiB for
+    the pipeline barriers and 1 KiB the SM reserves, each) fit one SM."""
     per_cta = fa4_smem_bytes(tile, head_dim, head_dim_v) + 2 * 1024
-    return (per_cta <= SM90_SMEM_BYTES
-            and tile.ctas_per_sm * per_cta <= SM90_SM_SMEM_BYTES)
+    return tile.ctas_per_sm * per_cta <= SM90_SM_SMEM_BYTES
 
 
 def persistent_tile(v: "ForwardVariant") -> TileConfig:

@@ -286,9 +286,8 @@ def split_variant(v: ForwardVariant, combine: str, pdl: bool, prefetch: int = 0)
     """The split-KV kernel serving calls planned as `v` (sinks move to the combine;
     dense k/v get an explicit seqused_k), with split_options' `combine`, `pdl` and
     `prefetch`."""
-    base = dataclasses.replace(v, has_sinks=False, has_seqused_k=True,
-                               tile=dataclasses.replace(v.tile, persistent=False))
-    return SplitVariant(base, fused_combine=not v.has_sinks, combine=combine, pdl=pdl,
+    return SplitVariant(dataclasses.replace(v, has_sinks=False, has_seqused_k=True),
+                        fused_combine=not v.has_sinks, combine=combine, pdl=pdl,
                         prefetch=prefetch)
 
 
